@@ -1,0 +1,1 @@
+"""HyacinthWatch worker: presence and cover of water hyacinth in observation photos."""
