@@ -35,6 +35,7 @@ class Settings:
     masks_bucket: str = "masks"
     storage_timeout_s: float = 20.0
     storage_retries: int = 3
+    storage_retry_backoff_ms: int = 200
 
     presence_model_version: str = "1.0.0"
     segmentation_model_version: str = "1.0.1"
@@ -110,6 +111,7 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "masks_bucket": "STORAGE_BUCKET_MASKS",
     "storage_timeout_s": "STORAGE_TIMEOUT_S",
     "storage_retries": "STORAGE_RETRIES",
+    "storage_retry_backoff_ms": "STORAGE_RETRY_BACKOFF_MS",
     "presence_model_version": "PRESENCE_MODEL_VERSION",
     "segmentation_model_version": "SEGMENTATION_MODEL_VERSION",
     "model_cache_dir": "MODEL_CACHE_DIR",

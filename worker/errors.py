@@ -3,7 +3,10 @@
 - `PhotoError`: the photo itself is unusable (corrupt, not an image, too large).
   Permanent: retrying gives the same answer; the observation fails.
 - `MissingObjectError`: an object is not in storage. Permanent.
+- `ObjectExistsError`: an upload would overwrite an object without `upsert`. Permanent.
+- `StoragePathError`: an object path would leave its bucket (`..`, absolute). Permanent.
 - `StorageError`: storage could not be reached or answered badly. Transient: retry.
+- `StorageRefusedError`: storage refused the request (bad key, bad request). Permanent.
 - `ModelError`: a model is misconfigured (bad meta, wrong weights, digest mismatch).
   Permanent for the observation; the operator fixes the model or the version.
 - `ConfigError`: a setting is missing or wrong; the process cannot start.
@@ -29,6 +32,18 @@ class PhotoError(HyacinthError):
 
 class MissingObjectError(HyacinthError):
     """The object is not in the bucket; never retried."""
+
+
+class ObjectExistsError(HyacinthError):
+    """An upload without upsert found an object already at that path."""
+
+
+class StoragePathError(HyacinthError):
+    """An object path is empty, absolute or would leave its bucket; never retried."""
+
+
+class StorageRefusedError(HyacinthError):
+    """Storage refused the request itself (rejected key, bad request); not retried."""
 
 
 class StorageError(HyacinthError):
