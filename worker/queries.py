@@ -1,0 +1,181 @@
+"""Every SQL statement the worker sends, and the objects the migrations install.
+
+Placeholders are psycopg's `%(name)s`: the listener runs these on its own psycopg
+connection, and the workers through SQLAlchemy's `exec_driver_sql`, which hands them
+to psycopg unchanged.
+
+The trigger and function bodies below are installed by migration 0001. Changing one
+needs a new migration that replaces the object; do not edit an applied migration.
+"""
+
+from __future__ import annotations
+
+from worker.config import NOTIFY_CHANNEL
+
+#: The channel the listener notifies itself on to check that LISTEN really works.
+PROBE_CHANNEL = "hyacinth_listener_probe"
+
+# --- Database objects (installed by migrations/versions/0001_observations.py) ---
+
+NOTIFY_FUNCTION = f"""
+CREATE OR REPLACE FUNCTION hyacinth_notify_observation() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    -- Only the id: NOTIFY payloads are capped at 8000 bytes and are not trusted.
+    PERFORM pg_notify('{NOTIFY_CHANNEL}', NEW.id::text);
+    RETURN NULL;
+END;
+$$
+"""
+
+NOTIFY_ON_INSERT_TRIGGER = """
+CREATE TRIGGER observations_notify_insert
+AFTER INSERT ON observations
+FOR EACH ROW WHEN (NEW.status = 'pending')
+EXECUTE FUNCTION hyacinth_notify_observation()
+"""
+
+# An operator asks for reprocessing with UPDATE ... SET status = 'pending'.
+NOTIFY_ON_PENDING_TRIGGER = """
+CREATE TRIGGER observations_notify_pending
+AFTER UPDATE OF status ON observations
+FOR EACH ROW WHEN (NEW.status = 'pending' AND OLD.status IS DISTINCT FROM 'pending')
+EXECUTE FUNCTION hyacinth_notify_observation()
+"""
+
+TOUCH_FUNCTION = """
+CREATE OR REPLACE FUNCTION hyacinth_touch_updated_at() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.updated_at := now();
+    RETURN NEW;
+END;
+$$
+"""
+
+TOUCH_TRIGGER = """
+CREATE TRIGGER observations_touch_updated_at
+BEFORE UPDATE ON observations
+FOR EACH ROW EXECUTE FUNCTION hyacinth_touch_updated_at()
+"""
+
+#: In order, after the table exists.
+SCHEMA_OBJECTS_CREATE = (
+    NOTIFY_FUNCTION,
+    NOTIFY_ON_INSERT_TRIGGER,
+    NOTIFY_ON_PENDING_TRIGGER,
+    TOUCH_FUNCTION,
+    TOUCH_TRIGGER,
+)
+
+#: In order, before the table is dropped.
+SCHEMA_OBJECTS_DROP = (
+    "DROP TRIGGER IF EXISTS observations_touch_updated_at ON observations",
+    "DROP TRIGGER IF EXISTS observations_notify_pending ON observations",
+    "DROP TRIGGER IF EXISTS observations_notify_insert ON observations",
+    "DROP FUNCTION IF EXISTS hyacinth_touch_updated_at()",
+    "DROP FUNCTION IF EXISTS hyacinth_notify_observation()",
+)
+
+# --- Listener ---
+
+LISTEN = f"LISTEN {NOTIFY_CHANNEL}"
+
+LISTEN_PROBE = f"LISTEN {PROBE_CHANNEL}"
+
+SEND_PROBE = f"SELECT pg_notify('{PROBE_CHANNEL}', %(token)s)"
+
+# Claim before enqueue: the listener commits only after the ids are in Redis, so a
+# crash in between leaves the rows pending. SKIP LOCKED keeps two listeners apart.
+CLAIM_PENDING = """
+UPDATE observations
+SET status = 'queued', queued_at = now()
+WHERE id IN (
+    SELECT id FROM observations
+    WHERE status = 'pending'
+    ORDER BY created_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id
+"""
+
+# Rows whose worker stopped heartbeating, and rows queued so long ago that their
+# message was probably lost (Redis flushed, a crash between claim and enqueue).
+CLAIM_EXPIRED = """
+WITH expired AS (
+    SELECT id, status FROM observations
+    WHERE status IN ('queued', 'processing')
+      AND (
+          (status = 'processing'
+           AND coalesce(heartbeat_at, updated_at)
+               < now() - make_interval(secs => %(lease_s)s))
+          OR (status = 'queued'
+           AND coalesce(queued_at, updated_at)
+               < now() - make_interval(secs => %(queued_lease_s)s))
+      )
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE observations AS o
+SET status = 'queued', queued_at = now()
+FROM expired
+WHERE o.id = expired.id
+RETURNING o.id, expired.status
+"""
+
+# --- Worker (every write after the claim is fenced by the attempts it returned) ---
+
+CLAIM_OBSERVATION = """
+UPDATE observations
+SET status = 'processing', attempts = attempts + 1, started_at = now(),
+    heartbeat_at = now(), error = NULL
+WHERE id = %(id)s
+  AND (status = 'queued'
+       OR (status = 'processing'
+           AND heartbeat_at < now() - make_interval(secs => %(lease_s)s)))
+RETURNING attempts, user_id, bucket, path
+"""
+
+HEARTBEAT = """
+UPDATE observations SET heartbeat_at = now()
+WHERE id = %(id)s AND status = 'processing' AND attempts = %(token)s
+"""
+
+FINISH_DONE = """
+UPDATE observations
+SET status = 'done', pred = %(pred)s, timings_ms = %(timings_ms)s, error = NULL,
+    finished_at = now()
+WHERE id = %(id)s AND status = 'processing' AND attempts = %(token)s
+"""
+
+# A failure leaves no result of an earlier run beside the error.
+FINISH_FAILED = """
+UPDATE observations
+SET status = 'failed', pred = '{}'::jsonb, timings_ms = %(timings_ms)s,
+    error = %(error)s, finished_at = now()
+WHERE id = %(id)s AND status = 'processing' AND attempts = %(token)s
+"""
+
+REQUEUE = """
+UPDATE observations SET status = 'queued', queued_at = now(), error = %(error)s
+WHERE id = %(id)s AND status = 'processing' AND attempts = %(token)s
+"""
+
+# --- Commands ---
+
+REPROCESS = """
+UPDATE observations SET status = 'pending'
+WHERE status = ANY(%(statuses)s)
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
+"""
+
+COUNT_BY_STATUS = "SELECT status, count(*) FROM observations GROUP BY status"
+
+# A reprocessed row has waited since it became pending, not since it was created.
+OLDEST_WAITING_AGES = """
+SELECT
+    extract(epoch FROM now() - min(updated_at) FILTER (WHERE status = 'pending')),
+    extract(epoch FROM now() - min(queued_at) FILTER (WHERE status = 'queued'))
+FROM observations
+"""
