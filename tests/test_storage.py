@@ -107,13 +107,15 @@ def test_open_storage_picks_the_backend_from_settings(
     assert isinstance(remote, SupabaseStorage)
 
 
-def test_round_trip_keeps_every_byte(backend: Backend) -> None:
-    backend.storage.upload(
-        backend.bucket, "photos/2024/a b.jpg", PAYLOAD, content_type="image/jpeg"
-    )
+@pytest.mark.parametrize("path", ["photos/2024/a b.jpg", "ünï cödé/x+y=z;@,?#.png"])
+def test_round_trip_keeps_every_byte(backend: Backend, path: str) -> None:
+    backend.storage.upload(backend.bucket, path, PAYLOAD, content_type="image/jpeg")
 
-    assert backend.storage.download(backend.bucket, "photos/2024/a b.jpg") == PAYLOAD
-    assert backend.stored_file("photos/2024/a b.jpg").read_bytes() == PAYLOAD
+    assert backend.storage.download(backend.bucket, path) == PAYLOAD
+    assert backend.stored_file(path).read_bytes() == PAYLOAD
+    assert backend.storage.list(backend.bucket, path.split("/")[0]) == [
+        path.split("/")[1]
+    ]
 
 
 def test_empty_object_round_trips(backend: Backend) -> None:
@@ -233,7 +235,17 @@ def test_missing_object_is_asked_for_once(
 
 
 @pytest.mark.parametrize(
-    "path", ["../escape.txt", "a/../../escape.txt", "/etc/passwd", "", "a\x00b", "a//b"]
+    "path",
+    [
+        "../escape.txt",
+        "a/../../escape.txt",
+        "%2e%2e/escape.txt",
+        "/etc/passwd",
+        "",
+        "a\x00b",
+        "a//b",
+        "a\\..\\b",
+    ],
 )
 def test_paths_leaving_the_bucket_are_refused(backend: Backend, path: str) -> None:
     with pytest.raises(StoragePathError, match="not allowed") as caught:
@@ -245,6 +257,14 @@ def test_paths_leaving_the_bucket_are_refused(backend: Backend, path: str) -> No
         backend.storage.download(backend.bucket, path)
     assert not (backend.files_root / "escape.txt").exists()
     assert not (backend.files_root.parent / "escape.txt").exists()
+
+
+@pytest.mark.parametrize("prefix", ["../", "presence/../..", "/", "/presence"])
+def test_list_prefixes_leaving_the_bucket_are_refused(
+    backend: Backend, prefix: str
+) -> None:
+    with pytest.raises(StoragePathError, match="list prefix"):
+        backend.storage.list(backend.bucket, prefix)
 
 
 @pytest.mark.parametrize("bucket_name", ["", "..", "a/b"])

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +41,8 @@ _TEMP_PREFIX = ".hyacinth-upload-"
 
 #: The file Supabase's dashboard writes to keep an empty folder; it is not an object.
 _FOLDER_PLACEHOLDER = ".emptyFolderPlaceholder"
+
+_PERCENT_ESCAPE = re.compile("%[0-9A-Fa-f]{2}")
 
 #: Entries asked for per list request; Supabase pages its answers.
 _LIST_PAGE_SIZE = 100
@@ -140,6 +143,9 @@ def _path_problem(path: str) -> str | None:
         return "it is absolute"
     if "\\" in path:
         return "it contains a backslash"
+    if _PERCENT_ESCAPE.search(path):
+        # storage3 percent-decodes paths, so Supabase would store another name.
+        return "it contains a percent-escape like '%2F'"
     segments = path.split("/")
     if ".." in segments or "." in segments:
         return "it contains '.' or '..' segments"
@@ -149,7 +155,10 @@ def _path_problem(path: str) -> str | None:
 
 
 class LocalStorage:
-    """A folder holding one subfolder per bucket; writes are atomic."""
+    """A folder holding one subfolder per bucket; writes are atomic.
+
+    Content types are not kept: a local object is only its bytes.
+    """
 
     backend = "local"
 
@@ -315,8 +324,9 @@ class SupabaseStorage:
 
         # One HTTP client per Storage object: its connection pool serves every
         # photo the worker downloads. The client's own timeout knob only takes
-        # whole seconds and warns, so the timeout is set here instead.
-        self._http = httpx.Client(timeout=timeout_s, follow_redirects=True)
+        # whole seconds and warns, so the timeout is set here instead. Redirects
+        # are not followed: one would carry the `apikey` header to another host.
+        self._http = httpx.Client(timeout=timeout_s, follow_redirects=False)
         try:
             client = create_client(
                 url, key, options=ClientOptions(httpx_client=self._http)
@@ -501,7 +511,8 @@ class SupabaseStorage:
         return StorageRefusedError(f"{where} was refused ({detail})")
 
     def _clean(self, text: str) -> str:
-        return redact(text, [self._key]) if self._key else text
+        # A key too short to be real would blank out ordinary words instead.
+        return redact(text, [self._key]) if len(self._key) >= 8 else text
 
 
 def _statuses(exc: StorageApiError) -> set[int]:
