@@ -1,0 +1,370 @@
+"""Processing one observation: claim, download, predict, upload the mask, write `pred`.
+
+Every write after the claim carries the `attempts` the claim returned (a fencing
+token) and `status = 'processing'`: a worker that lost its row to the safety sweep
+cannot overwrite the result of the worker that took it over.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import psycopg
+import redis
+from psycopg.types.json import Jsonb
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from worker import queries
+from worker.config import Settings
+from worker.errors import (
+    HyacinthError,
+    MissingObjectError,
+    ModelError,
+    PhotoError,
+    StoragePathError,
+)
+from worker.inference import Prediction
+from worker.logs import redact
+from worker.storage import Storage
+
+log = logging.getLogger(__name__)
+
+#: Longest error text written on a row.
+MAX_ERROR_CHARS = 500
+
+DONE = "done"
+FAILED = "failed"
+SKIPPED = "skipped"
+LEASE_LOST = "lease_lost"
+
+
+class PhotoPredictor(Protocol):
+    """What the pipeline needs of the models: one photo in, one prediction out."""
+
+    def predict(self, photo: bytes) -> Prediction:
+        """Run presence, then segmentation when present."""
+        ...
+
+
+class RetryLater(HyacinthError):
+    """A transient failure with tries left: the row is queued again; retry later."""
+
+    transient = True
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A row this worker holds: `token` is the attempts value the claim set."""
+
+    observation_id: str
+    token: int
+    user_id: str
+    bucket: str
+    path: str
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether trying the same observation again later may succeed."""
+    if isinstance(error, HyacinthError):
+        return error.transient
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    return isinstance(
+        error,
+        (
+            psycopg.OperationalError,
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            ConnectionError,
+            TimeoutError,
+        ),
+    ) or isinstance(getattr(error, "orig", None), psycopg.OperationalError)
+
+
+def describe(error: BaseException) -> str:
+    """A short, readable account of why an observation failed."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, PhotoError):
+        return f"bad photo: {text}"
+    if isinstance(error, MissingObjectError):
+        return f"photo not found: {text}"
+    if isinstance(error, StoragePathError):
+        return f"bad photo path: {text}"
+    if isinstance(error, ModelError):
+        return f"model problem: {text}"
+    if isinstance(error, HyacinthError):
+        return text
+    return f"unexpected {type(error).__name__}: {text}"
+
+
+class Heartbeat:
+    """Renews the row's heartbeat every `interval_s` while a photo is processed."""
+
+    def __init__(self, engine: Engine, claim: Claim, interval_s: float) -> None:
+        self._engine = engine
+        self._claim = claim
+        self._interval_s = interval_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, name=f"heartbeat-{claim.observation_id[:8]}", daemon=True
+        )
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        params = {"id": self._claim.observation_id, "token": self._claim.token}
+        while not self._stopped.wait(self._interval_s):
+            try:
+                with self._engine.begin() as connection:
+                    renewed = connection.exec_driver_sql(queries.HEARTBEAT, params)
+            except SQLAlchemyError as error:
+                log.warning(
+                    "observation.heartbeat_failed observation_id=%s error=%s",
+                    self._claim.observation_id,
+                    " ".join(str(error).split())[:200],
+                )
+                continue
+
+            if renewed.rowcount == 0:
+                log.warning(
+                    "observation.lease_lost observation_id=%s: another worker took "
+                    "the row over; this result will be discarded",
+                    self._claim.observation_id,
+                )
+                return
+
+
+class ObservationProcessor:
+    """Processes observations by id; one instance is shared by a worker's threads."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        storage: Storage,
+        predictor: PhotoPredictor,
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.storage = storage
+        self.predictor = predictor
+        self._secrets = _secrets_of(settings)
+
+    def process(self, observation_id: str, *, retries: int = 0) -> str:
+        """Process one observation; `retries` is how many tries failed before.
+
+        Returns the outcome (done, failed, skipped, lease_lost). Raises RetryLater
+        when a transient failure leaves tries: the caller retries with backoff.
+        """
+        try:
+            return self._process(observation_id, retries)
+        except RetryLater:
+            raise
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            log.info(
+                "observation.retrying observation_id=%s try=%d error=%s",
+                observation_id,
+                retries + 1,
+                describe(error),
+            )
+            raise RetryLater(self._clean(describe(error))) from error
+
+    def _process(self, observation_id: str, retries: int) -> str:
+        try:
+            observation_id = str(uuid.UUID(observation_id))
+        except ValueError:
+            log.error("observation.bad_message observation_id=%r", observation_id[:80])
+            return SKIPPED
+
+        started_s = time.perf_counter()
+        claim = self._claim(observation_id)
+        timings_ms = {"row_update": _ms_since(started_s)}
+        if claim is None:
+            log.info(
+                "observation.skipped observation_id=%s: not queued any more "
+                "(finished, or held by a live worker)",
+                observation_id,
+            )
+            return SKIPPED
+
+        log.info(
+            "observation.started observation_id=%s attempt=%d",
+            observation_id,
+            claim.token,
+        )
+        try:
+            with Heartbeat(self.engine, claim, self.settings.heartbeat_s):
+                pred = self._predict(claim, timings_ms)
+        except Exception as error:
+            return self._fail_or_retry(claim, error, retries, timings_ms)
+
+        return self._finish(claim, pred, timings_ms, started_s)
+
+    def _claim(self, observation_id: str) -> Claim | None:
+        params = {"id": observation_id, "lease_s": self.settings.lease_s}
+        with self.engine.begin() as connection:
+            row = connection.exec_driver_sql(
+                queries.CLAIM_OBSERVATION, params
+            ).fetchone()
+        if row is None:
+            return None
+        token, user_id, bucket, path = row
+        return Claim(observation_id, int(token), str(user_id), bucket, path)
+
+    def _predict(self, claim: Claim, timings_ms: dict[str, float]) -> dict[str, Any]:
+        """Download, run the models, upload the mask; returns the new `pred`."""
+        step_s = time.perf_counter()
+        photo = self.storage.download(claim.bucket, claim.path)
+        timings_ms["download"] = _ms_since(step_s)
+
+        prediction = self.predictor.predict(photo)
+        timings_ms.update(prediction.timings_ms)
+        pred: dict[str, Any] = {"presence": prediction.presence.as_pred()}
+
+        segmentation = prediction.segmentation
+        if segmentation is None:
+            return pred
+
+        # Upsert: a redelivered message or a reprocess writes the same path again.
+        mask_path = f"{claim.user_id}/{claim.observation_id}.png"
+        step_s = time.perf_counter()
+        self.storage.upload(
+            self.settings.masks_bucket,
+            mask_path,
+            segmentation.mask_png,
+            content_type="image/png",
+            upsert=True,
+        )
+        timings_ms["upload"] = _ms_since(step_s)
+
+        pred["seg"] = {
+            "mask_url": f"supabase://{self.settings.masks_bucket}/{mask_path}",
+            "cover_pct": segmentation.cover_pct,
+            "model_v": segmentation.model_v,
+        }
+        return pred
+
+    def _finish(
+        self,
+        claim: Claim,
+        pred: dict[str, Any],
+        timings_ms: dict[str, float],
+        started_s: float,
+    ) -> str:
+        # `pred` is replaced, not merged: a rerun that finds no plants drops `seg`.
+        written = self._write(
+            queries.FINISH_DONE,
+            claim,
+            pred=Jsonb(pred),
+            timings_ms=Jsonb(_rounded(timings_ms)),
+        )
+        if not written:
+            log.warning(
+                "observation.lease_lost observation_id=%s: result discarded, another "
+                "worker holds the row",
+                claim.observation_id,
+            )
+            return LEASE_LOST
+
+        presence = pred["presence"]
+        log.info(
+            "observation.done observation_id=%s label=%s score=%.3f cover_pct=%s "
+            "total_ms=%.1f timings_ms=%s",
+            claim.observation_id,
+            presence["label"],
+            presence["score"],
+            pred["seg"]["cover_pct"] if "seg" in pred else "-",
+            _ms_since(started_s),
+            _rounded(timings_ms),
+        )
+        return DONE
+
+    def _fail_or_retry(
+        self,
+        claim: Claim,
+        error: Exception,
+        retries: int,
+        timings_ms: dict[str, float],
+    ) -> str:
+        reason = self._clean(describe(error))
+        if is_transient(error):
+            tries = retries + 1
+            if retries < self.settings.max_retries:
+                log.info(
+                    "observation.retrying observation_id=%s try=%d error=%s",
+                    claim.observation_id,
+                    tries,
+                    reason,
+                )
+                self._write(queries.REQUEUE, claim, error=reason)
+                raise RetryLater(reason) from error
+
+            reason = self._clean(f"gave up after {tries} tries: {reason}")
+            log.warning(
+                "observation.gave_up observation_id=%s error=%s",
+                claim.observation_id,
+                reason,
+            )
+        elif isinstance(error, HyacinthError):
+            log.warning(
+                "observation.failed observation_id=%s error=%s",
+                claim.observation_id,
+                reason,
+            )
+        else:
+            log.exception(
+                "observation.crashed observation_id=%s error=%s",
+                claim.observation_id,
+                reason,
+            )
+
+        self._write(
+            queries.FINISH_FAILED,
+            claim,
+            error=reason,
+            timings_ms=Jsonb(_rounded(timings_ms)),
+        )
+        return FAILED
+
+    def _write(self, query: str, claim: Claim, **params: Any) -> bool:
+        """Run a fenced write; False when the row is no longer this worker's."""
+        params.update(id=claim.observation_id, token=claim.token)
+        with self.engine.begin() as connection:
+            result = connection.exec_driver_sql(query, params)
+        return result.rowcount == 1
+
+    def _clean(self, text: str) -> str:
+        return redact(text, self._secrets)[:MAX_ERROR_CHARS]
+
+
+def _secrets_of(settings: Settings) -> list[str]:
+    secrets = [settings.supabase_service_role_key]
+    if settings.database_url:
+        password = urlsplit(settings.database_url).password
+        if password:
+            secrets.append(password)
+    # Short values would blank out ordinary words; the log filter skips them too.
+    return [secret for secret in secrets if len(secret) >= 8]
+
+
+def _ms_since(start_s: float) -> float:
+    return (time.perf_counter() - start_s) * 1000.0
+
+
+def _rounded(timings_ms: dict[str, float]) -> dict[str, float]:
+    return {stage: round(value, 2) for stage, value in timings_ms.items()}

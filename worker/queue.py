@@ -1,0 +1,68 @@
+"""The Dramatiq broker on REDIS_URL, and observation messages built without the actors.
+
+The listener enqueues through here so that it never imports the actors module, and
+with it torch and the models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import dramatiq
+from dramatiq.brokers.redis import RedisBroker
+from dramatiq.middleware import CurrentMessage, Retries, default_middleware
+
+from worker.config import OBSERVATIONS_QUEUE, Settings
+from worker.errors import ConfigError
+
+#: The one actor: worker.actors.process_observation.
+ACTOR_NAME = "process_observation"
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def open_broker(settings: Settings) -> RedisBroker:
+    """A Redis broker: default middleware, our retry policy, and CurrentMessage."""
+    if not settings.redis_url.startswith(_REDIS_SCHEMES):
+        raise ConfigError(
+            "REDIS_URL must start with redis://, rediss:// or unix://: use the "
+            "connection string of the Redis add-on"
+        )
+
+    middleware: list[dramatiq.Middleware] = [
+        kind() for kind in default_middleware if kind is not Retries
+    ]
+    middleware.append(
+        Retries(
+            max_retries=settings.max_retries,
+            min_backoff=settings.retry_min_backoff_ms,
+            max_backoff=settings.retry_max_backoff_ms,
+        )
+    )
+    middleware.append(CurrentMessage())
+
+    broker = RedisBroker(url=settings.redis_url, middleware=middleware)  # type: ignore[no-untyped-call]
+    broker.declare_queue(OBSERVATIONS_QUEUE)
+    return broker
+
+
+def observation_message(observation_id: str) -> dramatiq.Message[None]:
+    """The message that makes a worker process one observation."""
+    return dramatiq.Message(
+        queue_name=OBSERVATIONS_QUEUE,
+        actor_name=ACTOR_NAME,
+        args=(observation_id,),
+        kwargs={},
+        options={},
+    )
+
+
+def enqueue_observations(
+    broker: dramatiq.Broker, observation_ids: Iterable[str]
+) -> int:
+    """Put one message per observation id on the queue; returns how many."""
+    count = 0
+    for observation_id in observation_ids:
+        broker.enqueue(observation_message(observation_id))
+        count += 1
+    return count
