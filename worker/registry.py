@@ -1,0 +1,515 @@
+"""Versioned models in the models bucket: find, fetch, verify, load, cache, publish.
+
+The bucket holds one folder per task and version: `{task}/{version}/` with the
+weights and a model_meta.json (see `worker.model_meta`). The meta is written
+last, so a version without one is half-published and never loaded.
+
+Downloaded weights are kept in MODEL_CACHE_DIR under the sha256 of their
+content. When the meta carries a sha256, a cached file with that digest is used
+without asking storage at all; when it does not (older files), the weights are
+downloaded on every process start, hashed, and kept under their digest.
+Files are written to a temporary name and renamed, so a half-written file is
+never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from packaging.version import InvalidVersion, Version
+from torch import nn
+
+from worker.architectures import build, get_architecture
+from worker.config import Settings
+from worker.errors import ConfigError, MissingObjectError, ModelError, ObjectExistsError
+from worker.model_meta import META_FILENAME, TASKS, ModelMeta, parse_meta
+from worker.storage import Storage
+
+log = logging.getLogger(__name__)
+
+#: The version value that picks the highest published version.
+LATEST = "latest"
+
+#: The setting that chooses each task's version, named in error messages.
+VERSION_VARIABLES = {
+    "presence": "PRESENCE_MODEL_VERSION",
+    "segmentation": "SEGMENTATION_MODEL_VERSION",
+}
+
+#: What `publish` fills in when not told otherwise, per task.
+PUBLISH_DEFAULTS: dict[str, dict[str, Any]] = {
+    "presence": {"name": "presence_mobilenetv2", "input_size": (224, 224)},
+    "segmentation": {"name": "unet_aquavplant", "input_size": (512, 512)},
+}
+
+_IMAGENET_NORMALIZE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+_PARTIAL_PREFIX = ".partial-"
+_MAX_KEYS_LISTED = 8
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model in memory, ready to run: its meta, module and device."""
+
+    meta: ModelMeta
+    module: nn.Module
+    device: torch.device
+
+
+def model_folder(task: str, version: str) -> str:
+    """The folder of one model version inside the bucket."""
+    return f"{task}/{version}"
+
+
+def describe(bucket: str, task: str, version: str, filename: str) -> str:
+    """How error messages name a file of a model: `models/presence/1.0.0/x`."""
+    return f"{bucket}/{model_folder(task, version)}/{filename}"
+
+
+def configured_version(settings: Settings, task: str) -> str:
+    """The version setting for `task` (a version or `latest`)."""
+    if task == "presence":
+        return settings.presence_model_version
+    return settings.segmentation_model_version
+
+
+def list_versions(storage: Storage, bucket: str, task: str) -> list[str]:
+    """Folders under `task` named like versions, lowest first (1.9.0 < 1.10.0)."""
+    found = []
+    for name in storage.list(bucket, task):
+        try:
+            found.append((Version(name), name))
+        except InvalidVersion:
+            continue
+    return [name for _, name in sorted(found)]
+
+
+def resolve_version(storage: Storage, bucket: str, task: str, requested: str) -> str:
+    """`requested`, or for `latest` the highest version that has a model_meta.json."""
+    if requested != LATEST:
+        return requested
+
+    for version in reversed(list_versions(storage, bucket, task)):
+        if storage.exists(bucket, f"{model_folder(task, version)}/{META_FILENAME}"):
+            return version
+    raise ModelError(
+        f"{VERSION_VARIABLES[task]}=latest but bucket {bucket!r} ({storage.backend} "
+        f"storage) has no published {task} model: publish one with "
+        "`hyacinth models publish`"
+    )
+
+
+def read_meta(storage: Storage, bucket: str, task: str, version: str) -> ModelMeta:
+    """The validated model_meta.json of a version; ModelError names file and field."""
+    where = describe(bucket, task, version, META_FILENAME)
+
+    try:
+        raw = storage.download(bucket, f"{model_folder(task, version)}/{META_FILENAME}")
+    except MissingObjectError:
+        published = ", ".join(list_versions(storage, bucket, task)) or "none"
+        raise ModelError(
+            f"{where} not found in {storage.backend} storage: publish {task} "
+            f"{version}, or set {VERSION_VARIABLES[task]} to a published version "
+            f"(folders found: {published})"
+        ) from None
+
+    meta = parse_meta(raw, where)
+    for field, expected in (("task", task), ("version", version)):
+        if getattr(meta, field) != expected:
+            raise ModelError(
+                f"{where}: field {field!r} is {getattr(meta, field)!r} but the file "
+                f"is in the folder for {expected!r}; fix the file or move it"
+            )
+    try:
+        get_architecture(meta.architecture, meta.task)
+    except ModelError as exc:
+        raise ModelError(f"{where}: field 'architecture': {exc}") from None
+    return meta
+
+
+def fetch_weights(
+    storage: Storage, bucket: str, meta: ModelMeta, cache_dir: Path
+) -> Path:
+    """A local, verified copy of the weights, from the cache or downloaded into it."""
+    where = describe(bucket, meta.task, meta.version, meta.weights_filename)
+    suffix = Path(meta.weights_filename).suffix
+
+    if meta.sha256:
+        cached = cache_dir / f"{meta.sha256}{suffix}"
+        if cached.is_file() and _file_sha256(cached) == meta.sha256:
+            log.info("model.cache_hit file=%s cached=%s", where, cached)
+            return cached
+
+    started_s = time.perf_counter()
+    try:
+        data = storage.download(
+            bucket, f"{model_folder(meta.task, meta.version)}/{meta.weights_filename}"
+        )
+    except MissingObjectError:
+        raise ModelError(
+            f"{where} not found in {storage.backend} storage, though its "
+            "model_meta.json names it: publish the version again with --force"
+        ) from None
+    digest = hashlib.sha256(data).hexdigest()
+    if meta.sha256 and digest != meta.sha256:
+        raise ModelError(
+            f"{where} has sha256 {digest} but its model_meta.json says "
+            f"{meta.sha256}: the weights were changed or damaged; publish the "
+            "version again with --force"
+        )
+
+    target = cache_dir / f"{digest}{suffix}"
+    if not (target.is_file() and _file_sha256(target) == digest):
+        _write_atomic(target, data)
+    log.info(
+        "model.downloaded file=%s size_bytes=%d download_ms=%.0f cached=%s",
+        where,
+        len(data),
+        (time.perf_counter() - started_s) * 1000,
+        target,
+    )
+    return target
+
+
+def load_weights(model: nn.Module, weights: Path, fmt: str, where: str) -> None:
+    """Load a state dict file into `model` strictly; ModelError listing any misfit."""
+    try:
+        if fmt == "safetensors":
+            state: object = safetensors.torch.load_file(weights, device="cpu")
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        # The loaders raise many types (UnpicklingError, RuntimeError, their own
+        # errors); any of them means the file is not usable weights.
+        raise ModelError(
+            f"{where} cannot be read as {fmt} weights ({type(exc).__name__}: "
+            f"{_first_line(exc)}); publish a file saved with torch.save(model."
+            "state_dict()) or safetensors"
+        ) from None
+
+    if not isinstance(state, Mapping) or not all(
+        isinstance(value, torch.Tensor) for value in state.values()
+    ):
+        hint = ""
+        if isinstance(state, Mapping) and "state_dict" in state:
+            hint = " (it looks like a training checkpoint: save its 'state_dict')"
+        raise ModelError(
+            f"{where} holds a {type(state).__name__}, not a state dict of tensors"
+            f"{hint}; publish torch.save(model.state_dict())"
+        )
+
+    check_state_dict(model, state, where)
+    model.load_state_dict(state, strict=True)
+
+
+def check_state_dict(
+    model: nn.Module, state: Mapping[str, torch.Tensor], where: str
+) -> None:
+    """ModelError listing missing, unexpected and mis-shaped keys, if there are any."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state]
+    unexpected = [key for key in state if key not in expected]
+    misshaped = [
+        f"{key} {tuple(state[key].shape)} != {tuple(tensor.shape)}"
+        for key, tensor in expected.items()
+        if key in state and state[key].shape != tensor.shape
+    ]
+
+    problems = [
+        f"{label}: {_few(keys)}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shapes differing (file != architecture)", misshaped),
+        )
+        if keys
+    ]
+    if problems:
+        raise ModelError(
+            f"{where} does not fit architecture {type(model).__name__}: "
+            f"{'; '.join(problems)}; publish weights trained for this architecture"
+        )
+
+
+def load_version(
+    storage: Storage,
+    bucket: str,
+    task: str,
+    version: str,
+    *,
+    cache_dir: Path,
+    device: torch.device,
+) -> LoadedModel:
+    """Read meta, fetch and verify weights, build and load the model (no caching)."""
+    started_s = time.perf_counter()
+    meta = read_meta(storage, bucket, task, version)
+    weights = fetch_weights(storage, bucket, meta, cache_dir)
+
+    model = build(meta.architecture, meta.task, meta.num_classes)
+    load_weights(
+        model,
+        weights,
+        meta.format,
+        describe(bucket, task, version, meta.weights_filename),
+    )
+    model.eval().requires_grad_(False)
+    model.to(device).to(memory_format=torch.channels_last)
+
+    log.info(
+        "model.loaded task=%s version=%s name=%s device=%s load_ms=%.0f",
+        task,
+        version,
+        meta.name,
+        device,
+        (time.perf_counter() - started_s) * 1000,
+    )
+    return LoadedModel(meta=meta, module=model, device=device)
+
+
+_loaded: dict[tuple[str, ...], LoadedModel] = {}
+_key_locks: dict[tuple[str, ...], threading.Lock] = {}
+_key_locks_guard = threading.Lock()
+
+
+def load_model(storage: Storage, settings: Settings, task: str) -> LoadedModel:
+    """The configured version of `task`, loaded once per process and then shared."""
+    version = resolve_version(
+        storage, settings.models_bucket, task, configured_version(settings, task)
+    )
+    device = resolve_device(settings)
+    key = (
+        storage_location(settings),
+        settings.models_bucket,
+        task,
+        version,
+        str(device),
+    )
+
+    loaded = _loaded.get(key)
+    if loaded is not None:
+        return loaded
+
+    with _key_lock(key):
+        loaded = _loaded.get(key)
+        if loaded is None:
+            # Only a complete load enters the cache: a failure leaves every
+            # model loaded before it in place and usable.
+            loaded = load_version(
+                storage,
+                settings.models_bucket,
+                task,
+                version,
+                cache_dir=Path(settings.model_cache_dir),
+                device=device,
+            )
+            _loaded[key] = loaded
+    return loaded
+
+
+def forget_loaded_models() -> None:
+    """Empty this process's model cache (tests and tools; workers never need it)."""
+    with _key_locks_guard:
+        _loaded.clear()
+        _key_locks.clear()
+
+
+def _key_lock(key: tuple[str, ...]) -> threading.Lock:
+    with _key_locks_guard:
+        return _key_locks.setdefault(key, threading.Lock())
+
+
+def storage_location(settings: Settings) -> str:
+    """Which storage the settings point at: the Supabase URL or the local folder."""
+    if settings.supabase_url:
+        return f"supabase:{settings.supabase_url}"
+    return f"local:{Path(settings.local_storage_dir).resolve()}"
+
+
+def resolve_device(settings: Settings) -> torch.device:
+    """TORCH_DEVICE if set, else CUDA when available, else the CPU."""
+    if not settings.torch_device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    try:
+        device = torch.device(settings.torch_device)
+    except RuntimeError:
+        raise ConfigError(
+            f"TORCH_DEVICE={settings.torch_device!r} is not a torch device: use "
+            "cpu, cuda or cuda:N, or unset it to choose automatically"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"TORCH_DEVICE={settings.torch_device!r} but this torch build sees no "
+            "CUDA device: install the CUDA build of torch or set TORCH_DEVICE=cpu"
+        )
+    return device
+
+
+def publish(
+    storage: Storage,
+    bucket: str,
+    task: str,
+    version: str,
+    weights_path: Path,
+    *,
+    architecture: str,
+    name: str | None = None,
+    threshold: float | None = None,
+    input_size: tuple[int, int] | None = None,
+    force: bool = False,
+    min_area_px: int = 0,
+    morph: dict[str, Any] | None = None,
+) -> ModelMeta:
+    """Upload weights and a complete model_meta.json (last) for one new version."""
+    _check_publishable(task, version)
+    defaults = PUBLISH_DEFAULTS[task]
+    name = name or defaults["name"]
+    suffix = weights_path.suffix or ".pt"
+    where = describe(bucket, task, version, META_FILENAME)
+
+    try:
+        data = weights_path.read_bytes()
+    except OSError as exc:
+        raise ModelError(
+            f"cannot read weights file {weights_path}: {exc.strerror or exc}"
+        ) from None
+
+    fields: dict[str, Any] = {
+        "task": task,
+        "name": name,
+        "version": version,
+        "format": "safetensors" if suffix == ".safetensors" else "state_dict",
+        "weights_filename": f"{name}{suffix}",
+        "architecture": architecture,
+        "num_classes": 1,
+        "input_size": list(input_size or defaults["input_size"]),
+        "normalize": _IMAGENET_NORMALIZE,
+        "activation": "sigmoid",
+        "metrics": {},
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    cut_off = 0.5 if threshold is None else threshold
+    if task == "presence":
+        fields["threshold"] = cut_off
+    else:
+        fields["logit_threshold"] = cut_off
+        fields["postprocess"] = {"min_area_px": min_area_px, "morph": morph}
+    meta = parse_meta(json.dumps(fields).encode(), where)
+
+    meta_key = f"{model_folder(task, version)}/{META_FILENAME}"
+    if not force and storage.exists(bucket, meta_key):
+        raise ModelError(
+            f"{task} {version} is already published ({where}): pass --force to "
+            "replace it, or publish a new version"
+        )
+
+    # Loading the weights here refuses a file of the wrong architecture before
+    # any worker could try it.
+    model = build(architecture, task, meta.num_classes)
+    load_weights(model, weights_path, meta.format, str(weights_path))
+
+    # Weights first, meta last: until the meta lands the version is not loadable.
+    # Weights left by an earlier, unfinished publish are simply replaced.
+    storage.upload(
+        bucket,
+        f"{model_folder(task, version)}/{meta.weights_filename}",
+        data,
+        content_type="application/octet-stream",
+        upsert=True,
+    )
+    try:
+        storage.upload(
+            bucket,
+            meta_key,
+            meta.to_json().encode(),
+            content_type="application/json",
+            upsert=force,
+        )
+    except ObjectExistsError:
+        raise ModelError(
+            f"{task} {version} was published by someone else meanwhile ({where}): "
+            "check it with `hyacinth models list`, or pass --force"
+        ) from None
+
+    log.info(
+        "model.published task=%s version=%s name=%s bucket=%s backend=%s sha256=%s",
+        task,
+        version,
+        name,
+        bucket,
+        storage.backend,
+        meta.sha256,
+    )
+    return meta
+
+
+def _check_publishable(task: str, version: str) -> None:
+    if task not in TASKS:
+        raise ModelError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+    try:
+        canonical = str(Version(version))
+    except InvalidVersion:
+        raise ModelError(
+            f"version {version!r} is not a version number: use one like 1.2.0"
+        ) from None
+    if canonical != version:
+        raise ModelError(f"write version {version!r} as {canonical!r}")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=_PARTIAL_PREFIX, dir=target.parent)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot write to MODEL_CACHE_DIR {target.parent}: "
+            f"{exc.strerror or exc}; point it at a writable folder"
+        ) from None
+
+    temp = Path(temp_name)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, target)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot write {target} in MODEL_CACHE_DIR: {exc.strerror or exc}; "
+            "check free space and permissions"
+        ) from None
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def _few(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_KEYS_LISTED])
+    more = len(keys) - _MAX_KEYS_LISTED
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else "no detail"
