@@ -494,6 +494,7 @@ def _write_atomic(target: Path, data: bytes) -> None:
             stream.write(data)
             stream.flush()
             os.fsync(stream.fileno())
+        temp.chmod(0o644)
         os.replace(temp, target)
     except OSError as exc:
         raise ModelError(
