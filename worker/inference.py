@@ -73,7 +73,7 @@ class Prediction:
     timings_ms: dict[str, float]
 
 
-class _Runner:
+class ModelRunner:
     """One loaded model with its input transform, ready for batch-of-one calls."""
 
     def __init__(self, loaded: LoadedModel) -> None:
@@ -118,8 +118,8 @@ class Predictor:
         source: str,
         max_image_pixels: int,
     ) -> None:
-        self._presence = _Runner(presence)
-        self._segmentation = _Runner(segmentation)
+        self._presence = ModelRunner(presence)
+        self._segmentation = ModelRunner(segmentation)
         self.source = source
         self.max_image_pixels = max_image_pixels
         self._decode_min_px = (

@@ -63,9 +63,15 @@ def decode_photo(
     try:
         image = Image.open(io.BytesIO(photo), formats=FORMATS)
     except UnidentifiedImageError:
+        claimed = _claimed_format(photo)
+        if claimed:
+            raise PhotoError(
+                f"corrupt or truncated image: starts like a {claimed} but its "
+                "header cannot be read"
+            ) from None
         raise PhotoError(f"not a JPEG, PNG or WebP image ({_sniff(photo)})") from None
     except _DECODE_ERRORS as exc:
-        raise PhotoError(f"unreadable image header ({_short(exc)})") from None
+        raise PhotoError(f"corrupt or truncated image header ({_short(exc)})") from None
 
     width_px, height_px = image.size
     if width_px * height_px > max_pixels:
@@ -132,6 +138,16 @@ def _orientation(image: Image.Image) -> int:
         # EXIF is optional metadata; a damaged block must not cost the photo.
         return 1
     return value if isinstance(value, int) and value in range(1, 9) else 1
+
+
+def _claimed_format(photo: bytes) -> str:
+    if photo.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if photo.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if photo[:4] == b"RIFF" and photo[8:12] == b"WEBP":
+        return "WebP"
+    return ""
 
 
 def _sniff(photo: bytes) -> str:
