@@ -1,0 +1,466 @@
+"""The registry on a real local bucket: versions, latest, cache, digests, loading."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.plugins.models import (
+    PRESENCE_ARCHITECTURE,
+    PRESENT_LOGIT,
+    PublishedModels,
+    constant_state_dict,
+    make_photo,
+    save_weights,
+)
+from worker.architectures import build
+from worker.config import Settings
+from worker.errors import ConfigError, ModelError
+from worker.inference import forget_predictors, get_predictor
+from worker.registry import (
+    forget_loaded_models,
+    list_versions,
+    load_model,
+    load_version,
+    publish,
+    resolve_device,
+    resolve_version,
+)
+from worker.storage import LocalStorage
+
+BUCKET = "models"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path / "storage")
+
+
+@pytest.fixture
+def present_weights(published_models: PublishedModels) -> Path:
+    return published_models.weights_dir / "presence_present.pt"
+
+
+def publish_presence(
+    storage: LocalStorage, version: str, weights: Path, **options: object
+) -> None:
+    publish(
+        storage,
+        BUCKET,
+        "presence",
+        version,
+        weights,
+        architecture=PRESENCE_ARCHITECTURE,
+        input_size=(64, 64),
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def meta_file(storage: LocalStorage, task: str, version: str) -> Path:
+    return storage.root / BUCKET / task / version / "model_meta.json"
+
+
+def rewrite_meta(storage: LocalStorage, folder: str, **changes: object) -> None:
+    path = meta_file(storage, "presence", folder)
+    fields = json.loads(path.read_text())
+    fields.update(changes)
+    path.write_text(json.dumps(fields))
+
+
+def load(storage: LocalStorage, version: str, cache_dir: Path) -> torch.nn.Module:
+    loaded = load_version(
+        storage, BUCKET, "presence", version, cache_dir=cache_dir, device=CPU
+    )
+    return loaded.module
+
+
+def test_versions_sort_semantically_and_skip_other_folders(
+    storage: LocalStorage,
+) -> None:
+    for name in ("1.9.0", "1.10.0", "1.2.0", "notes", "2.0.0rc1"):
+        (storage.root / BUCKET / "presence" / name).mkdir(parents=True)
+
+    assert list_versions(storage, BUCKET, "presence") == [
+        "1.2.0",
+        "1.9.0",
+        "1.10.0",
+        "2.0.0rc1",
+    ]
+
+
+def test_latest_is_the_highest_fully_published_version(
+    storage: LocalStorage, present_weights: Path
+) -> None:
+    for version in ("1.9.0", "1.10.0"):
+        publish_presence(storage, version, present_weights)
+    # A half-published version: weights without model_meta.json.
+    half = storage.root / BUCKET / "presence" / "1.11.0"
+    half.mkdir(parents=True)
+    shutil.copy(present_weights, half / "presence_mobilenetv2.pt")
+
+    assert resolve_version(storage, BUCKET, "presence", "latest") == "1.10.0"
+    assert resolve_version(storage, BUCKET, "presence", "1.9.0") == "1.9.0"
+
+
+def test_latest_with_nothing_published_names_the_setting(
+    storage: LocalStorage,
+) -> None:
+    with pytest.raises(ModelError, match="PRESENCE_MODEL_VERSION=latest"):
+        resolve_version(storage, BUCKET, "presence", "latest")
+
+
+def test_a_missing_version_names_the_file_and_the_setting(
+    storage: LocalStorage, present_weights: Path, tmp_path: Path
+) -> None:
+    publish_presence(storage, "1.0.0", present_weights)
+
+    with pytest.raises(ModelError) as caught:
+        load(storage, "1.5.0", tmp_path / "cache")
+
+    message = str(caught.value)
+    assert "models/presence/1.5.0/model_meta.json" in message
+    assert "PRESENCE_MODEL_VERSION" in message
+    assert "1.0.0" in message
+
+
+def test_a_loaded_model_gives_the_constant_it_was_built_for(
+    storage: LocalStorage, present_weights: Path, tmp_path: Path
+) -> None:
+    publish_presence(storage, "1.0.0", present_weights)
+
+    model = load(storage, "1.0.0", tmp_path / "cache")
+
+    with torch.inference_mode():
+        logits = model(torch.rand(1, 3, 64, 64))
+    assert logits.shape == (1, 1)
+    assert logits.item() == pytest.approx(PRESENT_LOGIT)
+    assert not model.training
+
+
+def test_safetensors_weights_load(storage: LocalStorage, tmp_path: Path) -> None:
+    state = constant_state_dict(PRESENCE_ARCHITECTURE, "presence", -2.0)
+    weights = save_weights(state, tmp_path / "presence.safetensors")
+    publish_presence(storage, "1.0.0", weights)
+
+    model = load(storage, "1.0.0", tmp_path / "cache")
+
+    with torch.inference_mode():
+        assert model(torch.rand(1, 3, 64, 64)).item() == pytest.approx(-2.0)
+
+
+def test_weights_are_cached_under_their_digest_and_reused_without_download(
+    storage: LocalStorage, present_weights: Path, tmp_path: Path
+) -> None:
+    publish_presence(storage, "1.0.0", present_weights)
+    cache_dir = tmp_path / "cache"
+    digest = hashlib.sha256(present_weights.read_bytes()).hexdigest()
+
+    load(storage, "1.0.0", cache_dir)
+    # With the weights gone from storage, only the cache can serve them.
+    (storage.root / BUCKET / "presence" / "1.0.0" / "presence_mobilenetv2.pt").unlink()
+    load(storage, "1.0.0", cache_dir)
+
+    assert [path.name for path in cache_dir.iterdir()] == [f"{digest}.pt"]
+
+
+def test_a_damaged_cache_file_is_downloaded_again(
+    storage: LocalStorage, present_weights: Path, tmp_path: Path
+) -> None:
+    publish_presence(storage, "1.0.0", present_weights)
+    cache_dir = tmp_path / "cache"
+    load(storage, "1.0.0", cache_dir)
+    (cached,) = cache_dir.iterdir()
+    cached.write_bytes(cached.read_bytes()[:1000])
+
+    load(storage, "1.0.0", cache_dir)
+
+    assert cached.read_bytes() == present_weights.read_bytes()
+
+
+def test_an_older_meta_without_sha256_is_downloaded_and_kept_by_digest(
+    storage: LocalStorage, present_weights: Path, tmp_path: Path
+) -> None:
+    publish_presence(storage, "1.0.0", present_weights)
+    rewrite_meta(storage, "1.0.0", sha256="", exported_at="")
+    cache_dir = tmp_path / "cache"
+
+    load(storage, "1.0.0", cache_dir)
+
+    digest = hashlib.sha256(present_weights.read_bytes()).hexdigest()
+    assert (cache_dir / f"{digest}.pt").is_file()
+
+
+def test_a_sha256_mismatch_is_refused_with_both_digests(
+    storage: LocalStorage, present_weights: Path, tmp_path: Path
+) -> None:
+    publish_presence(storage, "1.0.0", present_weights)
+    published = hashlib.sha256(present_weights.read_bytes()).hexdigest()
+    other = save_weights(
+        constant_state_dict(PRESENCE_ARCHITECTURE, "presence", 1.0),
+        tmp_path / "other.pt",
+    )
+    actual = hashlib.sha256(other.read_bytes()).hexdigest()
+    storage.upload(
+        BUCKET,
+        "presence/1.0.0/presence_mobilenetv2.pt",
+        other.read_bytes(),
+        content_type="application/octet-stream",
+        upsert=True,
+    )
+
+    with pytest.raises(ModelError) as caught:
+        load(storage, "1.0.0", tmp_path / "cache")
+
+    assert published in str(caught.value)
+    assert actual in str(caught.value)
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_a_meta_naming_an_architecture_of_the_other_task_is_refused(
+    storage: LocalStorage, present_weights: Path, tmp_path: Path
+) -> None:
+    publish_presence(storage, "1.0.0", present_weights)
+    rewrite_meta(storage, "1.0.0", architecture="unet_resnet34")
+
+    with pytest.raises(ModelError, match="field 'architecture'"):
+        load(storage, "1.0.0", tmp_path / "cache")
+
+
+def test_weights_of_another_architecture_are_refused_at_load_with_the_keys(
+    storage: LocalStorage, present_weights: Path, tmp_path: Path
+) -> None:
+    publish_presence(storage, "1.0.0", present_weights)
+    resnet = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    wrong = save_weights(resnet.state_dict(), tmp_path / "wrong.pt").read_bytes()
+    storage.upload(
+        BUCKET,
+        "presence/1.0.0/presence_mobilenetv2.pt",
+        wrong,
+        content_type="application/octet-stream",
+        upsert=True,
+    )
+    rewrite_meta(storage, "1.0.0", sha256=hashlib.sha256(wrong).hexdigest())
+
+    with pytest.raises(ModelError) as caught:
+        load(storage, "1.0.0", tmp_path / "cache")
+
+    message = str(caught.value)
+    assert "models/presence/1.0.0/presence_mobilenetv2.pt" in message
+    assert "missing keys: features.0.0.weight" in message
+    assert "unexpected keys: 0.weight, 0.bias" in message
+
+
+def test_a_state_dict_that_does_not_fit_lists_missing_and_unexpected_keys(
+    storage: LocalStorage, tmp_path: Path
+) -> None:
+    state = constant_state_dict(PRESENCE_ARCHITECTURE, "presence", 3.0)
+    state["extra.weight"] = torch.zeros(2)
+    del state["features.0.0.weight"]
+    weights = save_weights(state, tmp_path / "broken.pt")
+
+    with pytest.raises(ModelError) as caught:
+        publish_presence(storage, "1.0.0", weights)
+
+    message = str(caught.value)
+    assert "missing keys: features.0.0.weight" in message
+    assert "unexpected keys: extra.weight" in message
+    assert not meta_file(storage, "presence", "1.0.0").exists()
+
+
+def test_a_state_dict_of_other_shapes_is_refused(
+    storage: LocalStorage, tmp_path: Path
+) -> None:
+    two_classes = build(PRESENCE_ARCHITECTURE, "presence", num_classes=2)
+    weights = save_weights(two_classes.state_dict(), tmp_path / "two.pt")
+
+    with pytest.raises(ModelError, match=r"classifier\.1\.weight \(2, 1280\)"):
+        publish_presence(storage, "1.0.0", weights)
+
+
+def test_a_checkpoint_or_pickled_module_is_not_unpickled(
+    storage: LocalStorage, tmp_path: Path, present_weights: Path
+) -> None:
+    state = torch.load(present_weights, weights_only=True)
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"state_dict": state, "epoch": 3}, checkpoint)
+    pickled = tmp_path / "module.pt"
+    torch.save(build(PRESENCE_ARCHITECTURE, "presence"), pickled)
+
+    with pytest.raises(ModelError, match="training checkpoint"):
+        publish_presence(storage, "1.0.0", checkpoint)
+    with pytest.raises(ModelError, match="cannot be read as state_dict"):
+        publish_presence(storage, "1.0.0", pickled)
+
+
+def test_a_bad_meta_in_storage_names_the_file_and_field(
+    storage: LocalStorage, present_weights: Path, tmp_path: Path
+) -> None:
+    publish_presence(storage, "1.0.0", present_weights)
+    path = meta_file(storage, "presence", "1.0.0")
+    fields = json.loads(path.read_text())
+    del fields["normalize"]
+    path.write_text(json.dumps(fields))
+
+    with pytest.raises(ModelError) as caught:
+        load(storage, "1.0.0", tmp_path / "cache")
+
+    assert "models/presence/1.0.0/model_meta.json" in str(caught.value)
+    assert "'normalize'" in str(caught.value)
+
+
+def test_a_meta_in_the_wrong_folder_is_refused(
+    storage: LocalStorage, present_weights: Path, tmp_path: Path
+) -> None:
+    publish_presence(storage, "1.0.0", present_weights)
+    rewrite_meta(storage, "1.0.0", version="1.0.1")
+
+    with pytest.raises(ModelError, match=r"field 'version' is '1\.0\.1'"):
+        load(storage, "1.0.0", tmp_path / "cache")
+
+
+def test_publish_refuses_an_existing_version_unless_forced(
+    storage: LocalStorage, present_weights: Path, tmp_path: Path
+) -> None:
+    publish_presence(storage, "1.0.0", present_weights)
+    other = save_weights(
+        constant_state_dict(PRESENCE_ARCHITECTURE, "presence", -1.0),
+        tmp_path / "other.pt",
+    )
+
+    with pytest.raises(ModelError, match="--force"):
+        publish_presence(storage, "1.0.0", other)
+    publish_presence(storage, "1.0.0", other, force=True)
+
+    fields = json.loads(meta_file(storage, "presence", "1.0.0").read_text())
+    assert fields["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert fields["exported_at"]
+
+
+class RecordingStorage(LocalStorage):
+    """A real local storage that also notes the order of its uploads."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.uploaded: list[str] = []
+
+    def upload(
+        self,
+        bucket: str,
+        path: str,
+        data: bytes,
+        *,
+        content_type: str,
+        upsert: bool = False,
+    ) -> None:
+        self.uploaded.append(path)
+        super().upload(bucket, path, data, content_type=content_type, upsert=upsert)
+
+
+def test_publish_uploads_the_meta_last_with_every_field(
+    tmp_path: Path, present_weights: Path
+) -> None:
+    storage = RecordingStorage(tmp_path / "storage")
+
+    publish_presence(storage, "1.0.0", present_weights, threshold=0.7)
+
+    assert storage.uploaded == [
+        "presence/1.0.0/presence_mobilenetv2.pt",
+        "presence/1.0.0/model_meta.json",
+    ]
+    fields = json.loads(meta_file(storage, "presence", "1.0.0").read_text())
+    assert fields["threshold"] == 0.7
+    assert fields["input_size"] == [64, 64]
+    assert fields["format"] == "state_dict"
+    assert fields["normalize"]["std"] == [0.229, 0.224, 0.225]
+
+
+@pytest.mark.parametrize(
+    ("task", "version", "options", "says"),
+    [
+        ("counting", "1.0.0", {}, "unknown task"),
+        ("presence", "latest", {}, "not a version number"),
+        ("presence", "v1.0.0", {}, "as '1.0.0'"),
+        ("presence", "1.0.0", {"threshold": 1.5}, "'threshold'"),
+        ("presence", "1.0.0", {"architecture": "unet_resnet34"}, "is for segmentation"),
+        ("presence", "1.0.0", {"architecture": "vgg99"}, "unknown architecture"),
+    ],
+)
+def test_publish_refuses_bad_arguments(
+    storage: LocalStorage,
+    present_weights: Path,
+    task: str,
+    version: str,
+    options: dict[str, object],
+    says: str,
+) -> None:
+    arguments: dict[str, object] = {"architecture": PRESENCE_ARCHITECTURE}
+    arguments.update(options)
+
+    with pytest.raises(ModelError, match=says):
+        publish(storage, BUCKET, task, version, present_weights, **arguments)  # type: ignore[arg-type]
+
+    assert list_versions(storage, BUCKET, "presence") == []
+
+
+def test_concurrent_first_loads_load_once(
+    published_models: PublishedModels, caplog: pytest.LogCaptureFixture
+) -> None:
+    forget_loaded_models()
+    settings = published_models.settings()
+    storage = LocalStorage(published_models.storage_dir)
+    start = threading.Barrier(6)
+    results: list[object] = []
+
+    def first_call() -> None:
+        start.wait()
+        results.append(load_model(storage, settings, "segmentation"))
+
+    with caplog.at_level(logging.INFO, logger="worker.registry"):
+        threads = [threading.Thread(target=first_call) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    assert len(results) == 6
+    assert all(result is results[0] for result in results)
+    loads = [r for r in caplog.records if r.getMessage().startswith("model.loaded")]
+    assert len(loads) == 1
+
+
+def test_a_failed_new_version_leaves_the_loaded_one_usable(
+    published_models: PublishedModels,
+) -> None:
+    forget_predictors()
+    good = published_models.settings()
+    predictor = get_predictor(good)
+
+    with pytest.raises(ModelError, match=r"9\.9\.9"):
+        get_predictor(published_models.settings(presence_model_version="9.9.9"))
+
+    assert get_predictor(good) is predictor
+    prediction = predictor.predict(make_photo(64, 64))
+    assert prediction.presence.label == "present"
+
+
+def test_device_comes_from_torch_device_or_is_chosen() -> None:
+    assert resolve_device(Settings(torch_device="cpu")) == CPU
+    automatic = resolve_device(Settings())
+    assert automatic.type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+    with pytest.raises(ConfigError, match="TORCH_DEVICE"):
+        resolve_device(Settings(torch_device="abacus"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")
+def test_asking_for_cuda_without_it_says_what_to_do() -> None:
+    with pytest.raises(ConfigError, match="TORCH_DEVICE=cpu"):
+        resolve_device(Settings(torch_device="cuda"))
