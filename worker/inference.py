@@ -100,6 +100,13 @@ class ModelRunner:
         batch = pixels.to(self.device, non_blocking=True).permute(2, 0, 1)[None]
         return batch.float().mul_(self._scale).sub_(self._shift)
 
+    def warm_up(self) -> None:
+        """One pass on a blank input, so the first photo does not pay torch's setup."""
+        blank = Image.new(
+            "RGB", (self.meta.input_width_px, self.meta.input_height_px), (0, 0, 0)
+        )
+        self.forward(self.prepare(blank))
+
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Raw logits for one batch."""
         with torch.inference_mode():
@@ -136,6 +143,11 @@ class Predictor:
     def segmentation_meta(self) -> ModelMeta:
         """The segmentation model's meta."""
         return self._segmentation.meta
+
+    def warm_up(self) -> None:
+        """Run each model once on a blank input (done by `get_predictor`)."""
+        self._presence.warm_up()
+        self._segmentation.warm_up()
 
     def predict(self, photo: bytes, *, always_segment: bool = False) -> Prediction:
         """Presence, then segmentation when present (or always); PhotoError if bad."""
@@ -280,9 +292,11 @@ def _load_predictor(settings: Settings) -> Predictor:
         close = getattr(storage, "close", None)
         if callable(close):
             close()
-    return Predictor(
+    predictor = Predictor(
         presence,
         segmentation,
         source=storage.backend,
         max_image_pixels=settings.max_image_pixels,
     )
+    predictor.warm_up()
+    return predictor
