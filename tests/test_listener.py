@@ -1,157 +1,144 @@
-"""The listener: claim before enqueue, once per row, and nothing lost on reconnect."""
+"""The listener: claim before enqueue, once per row, and nothing lost on reconnect.
+
+Most tests run the real Listener in a thread of the test process, on a real
+PostgreSQL and Redis; the command's own behaviour (exit statuses, signals) is tested
+on `hyacinth listen` subprocesses.
+"""
 
 from __future__ import annotations
 
-import json
+import dataclasses
+import logging
 import signal
 import threading
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 import pytest
 import redis
 
+from tests.observations import all_in, enqueued_ids, insert_observations, statuses
 from tests.plugins.services import ProcessGroup, wait_for
-from worker.config import NOTIFY_CHANNEL, OBSERVATIONS_QUEUE, Settings
+from worker.config import NOTIFY_CHANNEL, Settings
 from worker.db import psycopg_conninfo
+from worker.errors import ConfigError
 from worker.listener import (
     Listener,
     backoff_s,
     looks_like_pooler_error,
     parse_observation_id,
 )
-from worker.queue import ACTOR_NAME, open_broker
-
-MESSAGES_KEY = f"dramatiq:{OBSERVATIONS_QUEUE}.msgs"
+from worker.queue import open_broker
 
 
-def insert_observations(db: psycopg.Connection[Any], count: int) -> list[str]:
-    """`count` rows inserted in one statement, as an app's bulk upload would."""
-    rows = db.execute(
-        "INSERT INTO observations (user_id, bucket, path) "
-        "SELECT gen_random_uuid(), 'photos', 'bulk/' || n || '.jpg' "
-        "FROM generate_series(1, %s) AS n RETURNING id",
-        (count,),
-    ).fetchall()
-    return [str(row[0]) for row in rows]
+@dataclasses.dataclass
+class ListenerThread:
+    """A Listener running in a thread until the test ends."""
+
+    listener: Listener
+    thread: threading.Thread
+    stop: threading.Event
+    exit_status: list[int]
 
 
-def statuses(db: psycopg.Connection[Any], ids: list[str]) -> dict[str, str]:
-    """Status per id."""
-    rows = db.execute(
-        "SELECT id::text, status FROM observations WHERE id = ANY(%s::uuid[])", (ids,)
-    ).fetchall()
-    return dict(rows)
+StartListener = Callable[..., ListenerThread]
 
 
-def all_in(db: psycopg.Connection[Any], ids: list[str], status: str) -> bool:
-    """Whether every row of `ids` has `status`."""
-    found = statuses(db, ids)
-    return len(found) == len(ids) and set(found.values()) == {status}
-
-
-def enqueued_ids(redis_url: str) -> list[str]:
-    """The observation id of every message waiting on the observations queue."""
-    client = redis.Redis.from_url(redis_url)
-    ids = []
-    for raw in client.hvals(MESSAGES_KEY):
-        message = json.loads(raw)
-        assert message["actor_name"] == ACTOR_NAME
-        assert message["queue_name"] == OBSERVATIONS_QUEUE
-        ids.append(message["args"][0])
-    client.close()
-    return ids
-
-
+@pytest.fixture
 def start_listener(
-    processes: ProcessGroup, env: dict[str, str], name: str = "listener"
-) -> Any:
-    """`hyacinth listen`, returned once it listens."""
-    process = processes.hyacinth(["listen"], env, name=name)
-    log_path = processes.started[-1][2]
-    wait_for(
-        lambda: "listener.listening" in log_path.read_text(),
-        timeout_s=30,
-        what="the listener to listen",
-        on_timeout=processes.logs,
-    )
-    return process
+    database_url: str, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> Iterator[StartListener]:
+    """Starts Listeners in threads (settings overridable); returns once each listens."""
+    caplog.set_level(logging.INFO, logger="worker")
+    started: list[ListenerThread] = []
+
+    def start(**overrides: Any) -> ListenerThread:
+        settings = Settings(database_url=database_url, redis_url=redis_url)
+        settings = dataclasses.replace(settings, **overrides)
+        stop = threading.Event()
+        listener = Listener(settings, open_broker(settings), stop)
+        exit_status: list[int] = []
+        thread = threading.Thread(
+            target=lambda: exit_status.append(listener.run()), daemon=True
+        )
+        running = ListenerThread(listener, thread, stop, exit_status)
+        started.append(running)
+        thread.start()
+        wait_for(
+            lambda: caplog.text.count("listener.listening") >= len(started),
+            timeout_s=20,
+            what="the listener to listen",
+            on_timeout=lambda: caplog.text[-3000:],
+        )
+        return running
+
+    yield start
+
+    for running in started:
+        running.stop.set()
+        running.thread.join(timeout=15)
+        running.listener.broker.close()
+    assert all(running.exit_status == [0] for running in started)
+
+
+def queued(db: psycopg.Connection[Any], ids: list[str], what: str, **wait: Any) -> None:
+    """Wait until every row of `ids` is queued."""
+    wait_for(lambda: all_in(db, ids, "queued"), timeout_s=30, what=what, **wait)
 
 
 def test_insert_is_queued_with_one_message(
-    processes: ProcessGroup,
-    service_env: dict[str, str],
+    start_listener: StartListener,
     db: psycopg.Connection[Any],
     redis_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    start_listener(processes, service_env)
+    start_listener()
 
     (observation_id,) = insert_observations(db, 1)
 
-    wait_for(
-        lambda: all_in(db, [observation_id], "queued"),
-        timeout_s=20,
-        what="the row to be queued",
-        on_timeout=processes.logs,
-    )
+    queued(db, [observation_id], "the row to be queued")
     assert enqueued_ids(redis_url) == [observation_id]
-    assert f"observation.queued observation_id={observation_id}" in processes.logs()
+    assert f"observation.queued observation_id={observation_id}" in caplog.text
 
 
 def test_rows_inserted_while_stopped_are_queued_at_start(
-    processes: ProcessGroup,
-    service_env: dict[str, str],
-    db: psycopg.Connection[Any],
-    redis_url: str,
+    start_listener: StartListener, db: psycopg.Connection[Any], redis_url: str
 ) -> None:
     ids = insert_observations(db, 5)
 
-    start_listener(processes, service_env)
+    start_listener()
 
-    wait_for(
-        lambda: all_in(db, ids, "queued"),
-        timeout_s=20,
-        what="the rows inserted before start to be queued",
-        on_timeout=processes.logs,
-    )
+    queued(db, ids, "the rows inserted before start to be queued")
     assert sorted(enqueued_ids(redis_url)) == sorted(ids)
 
 
 def test_two_listeners_enqueue_every_row_exactly_once(
-    processes: ProcessGroup,
-    service_env: dict[str, str],
-    db: psycopg.Connection[Any],
-    redis_url: str,
+    start_listener: StartListener, db: psycopg.Connection[Any], redis_url: str
 ) -> None:
-    env = {**service_env, "CLAIM_BATCH_SIZE": "25"}
-    start_listener(processes, env, name="listener-a")
-    start_listener(processes, env, name="listener-b")
+    start_listener(claim_batch_size=25)
+    start_listener(claim_batch_size=25)
 
     ids = insert_observations(db, 200)
     for _ in range(100):
         ids += insert_observations(db, 1)
 
-    wait_for(
-        lambda: all_in(db, ids, "queued"),
-        timeout_s=60,
-        what="300 rows to be queued",
-        on_timeout=processes.logs,
-    )
+    queued(db, ids, "300 rows to be queued")
     enqueued = enqueued_ids(redis_url)
     assert len(enqueued) == len(ids)
     assert sorted(enqueued) == sorted(ids)
 
 
 def test_terminated_connection_reconnects_and_loses_nothing(
-    processes: ProcessGroup,
-    service_env: dict[str, str],
+    start_listener: StartListener,
     db: psycopg.Connection[Any],
     redis_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    start_listener(processes, service_env)
+    start_listener()
     before = insert_observations(db, 3)
-    wait_for(lambda: all_in(db, before, "queued"), timeout_s=20, what="first rows")
+    queued(db, before, "the first rows")
 
     terminated = db.execute(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -159,50 +146,40 @@ def test_terminated_connection_reconnects_and_loses_nothing(
     ).fetchone()
     during = insert_observations(db, 3)
 
-    wait_for(
-        lambda: all_in(db, during, "queued"),
-        timeout_s=30,
-        what="rows inserted while the listener was cut off",
-        on_timeout=processes.logs,
-    )
+    queued(db, during, "rows inserted while the listener was cut off")
     assert terminated == (1,)
-    assert "listener.disconnected" in processes.logs()
-    after = insert_observations(db, 2)
+    assert "listener.disconnected" in caplog.text
     wait_for(
-        lambda: all_in(db, after, "queued"),
+        lambda: caplog.text.count("listener.listening") == 2,
         timeout_s=20,
-        what="rows inserted after the reconnect",
-        on_timeout=processes.logs,
+        what="the listener to listen again",
     )
+    after = insert_observations(db, 2)
+    queued(db, after, "rows inserted after the reconnect")
     assert sorted(enqueued_ids(redis_url)) == sorted(before + during + after)
 
 
 def test_payload_that_is_not_an_id_is_ignored(
-    processes: ProcessGroup,
-    service_env: dict[str, str],
+    start_listener: StartListener,
     db: psycopg.Connection[Any],
     redis_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    start_listener(processes, service_env)
+    start_listener()
 
     db.execute(f"NOTIFY {NOTIFY_CHANNEL}, 'x''); DROP TABLE observations; --'")
     (observation_id,) = insert_observations(db, 1)
 
-    wait_for(
-        lambda: all_in(db, [observation_id], "queued"),
-        timeout_s=20,
-        what="the row after a bad payload to be queued",
-        on_timeout=processes.logs,
-    )
-    assert "listener.bad_payload" in processes.logs()
+    queued(db, [observation_id], "the row after a bad payload to be queued")
+    assert "listener.bad_payload" in caplog.text
     assert enqueued_ids(redis_url) == [observation_id]
 
 
 def test_expired_rows_go_back_on_the_queue(
-    processes: ProcessGroup,
-    service_env: dict[str, str],
+    start_listener: StartListener,
     db: psycopg.Connection[Any],
     redis_url: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     dead_worker, lost_message, alive = insert_observations(db, 3)
     db.execute(
@@ -220,67 +197,35 @@ def test_expired_rows_go_back_on_the_queue(
         "heartbeat_at = now() + interval '1 hour' WHERE id = %s",
         (alive,),
     )
-    env = {**service_env, "LEASE_S": "2", "HEARTBEAT_S": "0.5"}
-    env["SWEEP_INTERVAL_S"] = "0.2"
 
-    start_listener(processes, env)
+    start_listener(lease_s=2.0, heartbeat_s=0.5, sweep_interval_s=0.2)
 
     wait_for(
-        lambda: all_in(db, [dead_worker, lost_message], "queued"),
+        lambda: sorted(enqueued_ids(redis_url)) == sorted([dead_worker, lost_message]),
         timeout_s=20,
-        what="expired rows to be queued again",
-        on_timeout=processes.logs,
+        what="expired rows to be enqueued again",
     )
-    assert sorted(enqueued_ids(redis_url)) == sorted([dead_worker, lost_message])
+    assert all_in(db, [dead_worker, lost_message], "queued")
     assert statuses(db, [alive]) == {alive: "processing"}
     assert f"observation.requeued observation_id={dead_worker} was=processing" in (
-        processes.logs()
+        caplog.text
     )
 
 
-def test_sigterm_stops_the_listener_cleanly(
-    processes: ProcessGroup, service_env: dict[str, str]
+def test_pending_row_whose_notification_was_missed_is_swept(
+    start_listener: StartListener, db: psycopg.Connection[Any]
 ) -> None:
-    listener = start_listener(processes, service_env)
+    start_listener(sweep_interval_s=0.2)
 
-    listener.send_signal(signal.SIGTERM)
+    # A row inserted with no NOTIFY, as when a notification is lost.
+    with db.transaction():
+        db.execute(
+            "ALTER TABLE observations DISABLE TRIGGER observations_notify_insert"
+        )
+        (silent,) = insert_observations(db, 1)
+        db.execute("ALTER TABLE observations ENABLE TRIGGER observations_notify_insert")
 
-    assert listener.wait(timeout=15) == 0
-    assert "listener.stopped" in processes.logs()
-
-
-def test_transaction_pooler_port_is_refused_with_what_to_use(
-    processes: ProcessGroup, service_env: dict[str, str]
-) -> None:
-    env = {
-        **service_env,
-        "DATABASE_URL": "postgresql://postgres.ref:pw@aws-0-eu.pooler.supabase.com"
-        ":6543/postgres",
-    }
-
-    listener = processes.hyacinth(["listen"], env)
-
-    assert listener.wait(timeout=30) == 2
-    output = processes.logs()
-    assert "6543" in output
-    assert "direct connection" in output
-    assert "session-mode pooler" in output
-    assert ":pw@" not in output
-
-
-def test_listener_exits_non_zero_when_the_database_stays_away(
-    processes: ProcessGroup, service_env: dict[str, str]
-) -> None:
-    env = {
-        **service_env,
-        "DATABASE_URL": "postgresql://postgres@127.0.0.1:9/postgres",
-        "LISTENER_GIVE_UP_S": "1",
-    }
-
-    listener = processes.hyacinth(["listen"], env)
-
-    assert listener.wait(timeout=30) == 1
-    assert "listener.gave_up" in processes.logs()
+    queued(db, [silent], "the row inserted without a notification")
 
 
 def test_claim_rolls_back_when_redis_is_down(
@@ -316,6 +261,79 @@ def test_bulk_insert_is_claimed_in_batches(
     assert claimed == 1050
     assert all_in(db, ids, "queued")
     assert sorted(enqueued_ids(redis_url)) == sorted(ids)
+
+
+def test_listener_gives_up_when_the_database_stays_away(redis_url: str) -> None:
+    settings = Settings(
+        database_url="postgresql://postgres@127.0.0.1:9/postgres",
+        redis_url=redis_url,
+        listener_give_up_s=1.0,
+    )
+    listener = Listener(settings, open_broker(settings), threading.Event())
+
+    assert listener.run() == 1
+
+
+def test_transaction_pooler_port_is_refused_before_connecting(redis_url: str) -> None:
+    settings = Settings(
+        database_url="postgres://postgres.ref:pw@aws-0-eu.pooler.supabase.com:6543/db",
+        redis_url=redis_url,
+    )
+    listener = Listener(settings, open_broker(settings), threading.Event())
+
+    with pytest.raises(ConfigError, match="6543") as caught:
+        listener.run()
+
+    assert "direct connection" in str(caught.value)
+    assert "session-mode pooler" in str(caught.value)
+
+
+def test_hyacinth_listen_queues_and_stops_cleanly_on_sigterm(
+    processes: ProcessGroup,
+    service_env: dict[str, str],
+    db: psycopg.Connection[Any],
+    redis_url: str,
+) -> None:
+    listener = processes.hyacinth(["listen"], service_env)
+    wait_for(
+        lambda: "listener.listening" in processes.output(),
+        timeout_s=60,
+        what="hyacinth listen to listen",
+        on_timeout=processes.logs,
+    )
+    (observation_id,) = insert_observations(db, 1)
+    queued(db, [observation_id], "the row", on_timeout=processes.logs)
+
+    listener.send_signal(signal.SIGTERM)
+
+    assert listener.wait(timeout=30) == 0
+    assert "listener.stopped" in processes.output()
+    assert enqueued_ids(redis_url) == [observation_id]
+
+
+def test_hyacinth_listen_exit_statuses(
+    processes: ProcessGroup, service_env: dict[str, str]
+) -> None:
+    pooler = {
+        **service_env,
+        "DATABASE_URL": "postgresql://postgres.ref:pw@aws-0-eu.pooler.supabase.com"
+        ":6543/postgres",
+    }
+    no_database = {
+        **service_env,
+        "DATABASE_URL": "postgresql://postgres@127.0.0.1:9/postgres",
+        "LISTENER_GIVE_UP_S": "1",
+    }
+
+    refused = processes.hyacinth(["listen"], pooler, name="pooler")
+    gave_up = processes.hyacinth(["listen"], no_database, name="no-database")
+
+    assert refused.wait(timeout=60) == 2
+    assert gave_up.wait(timeout=60) == 1
+    output = processes.output()
+    assert "session-mode pooler" in output
+    assert ":pw@" not in output
+    assert "listener.gave_up" in output
 
 
 def test_payload_parsing() -> None:

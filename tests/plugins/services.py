@@ -57,6 +57,20 @@ def wait_for(
         time.sleep(interval_s)
 
 
+def with_redis_db(url: str, db: int) -> str:
+    """`url` pointing at Redis database number `db` instead."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        query = "&".join(
+            item
+            for item in parts.query.split("&")
+            if item and not item.startswith("db=")
+        )
+        query = f"{query}&db={db}" if query else f"db={db}"
+        return f"unix://{parts.path}?{query}"
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
 def with_database(url: str, dbname: str) -> str:
     """`url` pointing at database `dbname` instead, everything else kept."""
     parts = urlsplit(url)
@@ -231,6 +245,14 @@ class ProcessGroup:
             return
         if sig == signal.SIGKILL:
             process.wait(timeout=10)
+
+    def output(self) -> str:
+        """Everything every process has written so far."""
+        return "\n".join(
+            path.read_text(errors="replace")
+            for _, _, path in self.started
+            if path.exists()
+        )
 
     def logs(self) -> str:
         """The last lines of every process's output, for failure messages."""
