@@ -77,6 +77,8 @@ def _install_log_filter() -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(redact)
     logging.getLogger("worker").setLevel(settings.log_level.upper())
+    for noisy in ("httpx", "httpcore", "hpack", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 broker = open_broker(settings)

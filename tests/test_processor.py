@@ -1,0 +1,139 @@
+"""The processor in this process: fencing against a worker that lost its row, and
+the classification of errors into retry, fail and skip."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from sqlalchemy import Engine
+
+from tests.observations import fetch_rows, insert_observation, new_user_id
+from tests.plugins.models import PublishedModels, make_photo
+from tests.plugins.services import wait_for
+from tests.supabase_fake import FakeSupabaseStorage
+from worker.db import make_engine
+from worker.errors import MissingObjectError, PhotoError, StorageError
+from worker.inference import get_predictor
+from worker.pipeline import (
+    DONE,
+    LEASE_LOST,
+    SKIPPED,
+    ObservationProcessor,
+    describe,
+    is_transient,
+)
+from worker.storage import open_storage
+
+
+@pytest.fixture
+def engine(database_url: str, published_models: PublishedModels) -> Iterator[Engine]:
+    """A worker's engine on the test database."""
+    settings = published_models.settings(database_url=database_url)
+    engine = make_engine(settings, application_name="hyacinth-test")
+    yield engine
+    engine.dispose()
+
+
+def processor_on_supabase(
+    published_models: PublishedModels,
+    server: FakeSupabaseStorage,
+    engine: Engine,
+    **overrides: Any,
+) -> ObservationProcessor:
+    """A processor reading photos from the Supabase test server."""
+    settings = published_models.settings(
+        supabase_url=server.url,
+        supabase_service_role_key=server.key,
+        storage_retries=0,
+        **overrides,
+    )
+    predictor = get_predictor(published_models.settings())
+    return ObservationProcessor(settings, engine, open_storage(settings), predictor)
+
+
+def test_worker_that_lost_its_row_cannot_overwrite_the_result(
+    published_models: PublishedModels,
+    supabase_storage_server: FakeSupabaseStorage,
+    engine: Engine,
+    db: psycopg.Connection[Any],
+) -> None:
+    user_id = new_user_id()
+    path = f"{user_id}/zombie.jpg"
+    photo_file = supabase_storage_server.root / "photos" / path
+    photo_file.parent.mkdir(parents=True)
+    photo_file.write_bytes(make_photo(64, 64))
+    observation_id = insert_observation(db, user_id, "photos", path)
+    db.execute(
+        "UPDATE observations SET status = 'queued' WHERE id = %s", (observation_id,)
+    )
+    # The first worker stalls inside the download and sends no heartbeat meanwhile.
+    supabase_storage_server.stall_next(1, 3.0, match=path)
+    zombie = processor_on_supabase(
+        published_models,
+        supabase_storage_server,
+        engine,
+        lease_s=60.0,
+        heartbeat_s=30.0,
+    )
+    outcome: list[str] = []
+    stalled = threading.Thread(
+        target=lambda: outcome.append(zombie.process(observation_id)), daemon=True
+    )
+    stalled.start()
+    wait_for(
+        lambda: (
+            fetch_rows(db, [observation_id])[observation_id]["status"] == "processing"
+        ),
+        timeout_s=20,
+        what="the first worker to claim the row",
+    )
+
+    db.execute(
+        "UPDATE observations SET heartbeat_at = now() - interval '1 hour' "
+        "WHERE id = %s",
+        (observation_id,),
+    )
+    successor = processor_on_supabase(
+        published_models, supabase_storage_server, engine, lease_s=1.0
+    )
+    taken_over = successor.process(observation_id)
+    after_successor = fetch_rows(db, [observation_id])[observation_id]
+    stalled.join(timeout=30)
+
+    assert taken_over == DONE
+    assert outcome == [LEASE_LOST]
+    assert fetch_rows(db, [observation_id])[observation_id] == after_successor
+    assert (after_successor["status"], after_successor["attempts"]) == ("done", 2)
+
+
+def test_message_that_is_not_an_id_is_skipped(
+    published_models: PublishedModels,
+    supabase_storage_server: FakeSupabaseStorage,
+    engine: Engine,
+) -> None:
+    processor = processor_on_supabase(published_models, supabase_storage_server, engine)
+
+    assert processor.process("'; DROP TABLE observations; --") == SKIPPED
+
+
+def test_errors_are_sorted_into_transient_and_permanent() -> None:
+    assert is_transient(StorageError("timeout"))
+    assert is_transient(psycopg.OperationalError("server closed the connection"))
+    assert is_transient(ConnectionResetError())
+    assert not is_transient(PhotoError("truncated"))
+    assert not is_transient(MissingObjectError("no object"))
+    assert not is_transient(ValueError("bug"))
+
+
+def test_error_descriptions_say_what_went_wrong() -> None:
+    assert describe(PhotoError("image file is\ntruncated")) == (
+        "bad photo: image file is truncated"
+    )
+    assert describe(MissingObjectError("no object 'a.jpg'")).startswith(
+        "photo not found: "
+    )
+    assert describe(KeyError("x")) == "unexpected KeyError: 'x'"
