@@ -21,7 +21,7 @@ import redis
 
 from tests.observations import all_in, enqueued_ids, insert_observations, statuses
 from tests.plugins.services import ProcessGroup, wait_for
-from worker.config import NOTIFY_CHANNEL, Settings
+from worker.config import NOTIFY_CHANNEL, OBSERVATIONS_QUEUE, Settings
 from worker.db import psycopg_conninfo
 from worker.errors import ConfigError
 from worker.listener import (
@@ -30,7 +30,7 @@ from worker.listener import (
     looks_like_pooler_error,
     parse_observation_id,
 )
-from worker.queue import open_broker
+from worker.queue import enqueue_observations, open_broker
 
 
 @dataclasses.dataclass
@@ -210,6 +210,29 @@ def test_expired_rows_go_back_on_the_queue(
     assert f"observation.requeued observation_id={dead_worker} was=processing" in (
         caplog.text
     )
+
+
+def test_old_queued_rows_are_left_alone_while_messages_wait(
+    database_url: str, db: psycopg.Connection[Any], redis_url: str
+) -> None:
+    settings = Settings(database_url=database_url, redis_url=redis_url)
+    waiting, stale = insert_observations(db, 2)
+    db.execute(
+        "UPDATE observations SET status = 'queued', "
+        "queued_at = now() - interval '1 hour' WHERE id = %s",
+        (stale,),
+    )
+    broker = open_broker(settings)
+    enqueue_observations(broker, [waiting])
+    listener = Listener(settings, broker, threading.Event())
+
+    with psycopg.connect(psycopg_conninfo(database_url), autocommit=True) as connection:
+        during_backlog = listener.claim_expired(connection)
+        broker.flush(OBSERVATIONS_QUEUE)
+        after_backlog = listener.claim_expired(connection)
+
+    assert (during_backlog, after_backlog) == (0, 1)
+    assert enqueued_ids(redis_url) == [stale]
 
 
 def test_pending_row_whose_notification_was_missed_is_swept(

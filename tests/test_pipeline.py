@@ -100,6 +100,7 @@ def pipeline(
         "PYTHONUNBUFFERED": "1",
         "TORCH_NUM_THREADS": "1",
         "dramatiq_worker_timeout": "20",
+        "dramatiq_queue_prefetch": "1",
     }
     env = {**_inherited_env(), **env}
     processes = ProcessGroup(tmp_path_factory.mktemp("pipeline-logs"))

@@ -17,9 +17,9 @@ import time
 import uuid
 from typing import Any
 
-import dramatiq
 import psycopg
 import redis
+from dramatiq.brokers.redis import RedisBroker
 from dramatiq.errors import BrokerConnectionError
 from psycopg.conninfo import make_conninfo
 
@@ -27,7 +27,7 @@ from worker import queries
 from worker.config import NOTIFY_CHANNEL, Settings
 from worker.db import KEEPALIVE_ARGS, database_port, psycopg_conninfo
 from worker.errors import ConfigError
-from worker.queue import enqueue_observations
+from worker.queue import enqueue_observations, waiting_messages
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Listener:
     """Claims pending observations on notification and re-queues expired ones."""
 
     def __init__(
-        self, settings: Settings, broker: dramatiq.Broker, stop: threading.Event
+        self, settings: Settings, broker: RedisBroker, stop: threading.Event
     ) -> None:
         self.settings = settings
         self.broker = broker
@@ -241,6 +241,7 @@ class Listener:
             "limit": self.settings.claim_batch_size,
             "lease_s": self.settings.lease_s,
             "queued_lease_s": self.settings.queued_lease_s,
+            "include_queued": waiting_messages(self.broker) == 0,
         }
         total = 0
         while True:

@@ -101,7 +101,9 @@ RETURNING id
 """
 
 # Rows whose worker stopped heartbeating, and rows queued so long ago that their
-# message was probably lost (Redis flushed, a crash between claim and enqueue).
+# message was probably lost (Redis flushed, held by a worker that died before it
+# started them). The listener includes queued rows only while no message waits in
+# Redis: during a backlog, old queued rows are simply waiting their turn.
 CLAIM_EXPIRED = """
 WITH expired AS (
     SELECT id, status FROM observations
@@ -110,7 +112,7 @@ WITH expired AS (
           (status = 'processing'
            AND coalesce(heartbeat_at, updated_at)
                < now() - make_interval(secs => %(lease_s)s))
-          OR (status = 'queued'
+          OR (%(include_queued)s AND status = 'queued'
            AND coalesce(queued_at, updated_at)
                < now() - make_interval(secs => %(queued_lease_s)s))
       )

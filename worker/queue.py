@@ -57,6 +57,13 @@ def observation_message(observation_id: str) -> dramatiq.Message[None]:
     )
 
 
+def waiting_messages(broker: RedisBroker) -> int:
+    """Messages on the observations queue that no worker has fetched yet."""
+    # Dramatiq's Redis broker keeps the waiting message ids in the list
+    # "{namespace}:{queue}"; fetched but unacknowledged ones are not in it.
+    return int(broker.client.llen(f"{broker.namespace}:{OBSERVATIONS_QUEUE}"))
+
+
 def enqueue_observations(
     broker: dramatiq.Broker, observation_ids: Iterable[str]
 ) -> int:

@@ -297,6 +297,7 @@ def service_env(database_url: str, redis_url: str) -> dict[str, str]:
         PYTHONUNBUFFERED="1",
         TORCH_NUM_THREADS="1",
         dramatiq_worker_timeout="20",
+        dramatiq_queue_prefetch="1",
         LOG_LEVEL="INFO",
     )
     return env
