@@ -3,13 +3,13 @@
 The photo is decoded once (see `worker.photo`) at the smallest scale that still
 covers both models' inputs, and each model gets its own bilinear resize of
 that image. The mask is thresholded and cleaned up at the model's input size,
-then scaled to the photo's own upright size with nearest-neighbour (cheap, and
-it keeps the values 0 and 255) and encoded as an 8-bit greyscale PNG.
+then scaled to the photo's own upright size with nearest neighbour (it keeps
+the values 0 and 255) while it is written as an 8-bit greyscale PNG (see
+`worker.mask_png`).
 """
 
 from __future__ import annotations
 
-import io
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ from PIL import Image
 from scipy import ndimage
 
 from worker.config import Settings
+from worker.mask_png import encode_mask_png
 from worker.model_meta import ModelMeta, Postprocess
 from worker.photo import decode_photo
 from worker.registry import (
@@ -28,9 +29,6 @@ from worker.registry import (
     storage_location,
 )
 from worker.storage import open_storage
-
-#: zlib level of mask PNGs: masks are flat areas, so level 1 is small and fast.
-MASK_PNG_COMPRESS_LEVEL = 1
 
 #: Pillow's reducing_gap for the resize to a model's input: fast, and
 #: indistinguishable from an exact resize at this gap.
@@ -81,11 +79,12 @@ class ModelRunner:
         self.module = loaded.module
         self.device = loaded.device
 
-        # (x / 255 - mean) / std as one multiply and one subtract.
+        # (x / 255 - mean) / std as one multiply (uint8 in, float32 out) and one
+        # subtract, on pixels in HWC order, where these run fastest.
         mean = torch.tensor(self.meta.normalize.mean, dtype=torch.float32)
         std = torch.tensor(self.meta.normalize.std, dtype=torch.float32)
-        self._scale = (1.0 / (255.0 * std)).view(1, 3, 1, 1).to(self.device)
-        self._shift = (mean / std).view(1, 3, 1, 1).to(self.device)
+        self._scale = (1.0 / (255.0 * std)).to(self.device)
+        self._shift = (mean / std).to(self.device)
 
     def prepare(self, image: Image.Image) -> torch.Tensor:
         """The model's input: resized, normalized, float32 NCHW in channels_last."""
@@ -95,10 +94,11 @@ class ModelRunner:
                 size, Image.Resampling.BILINEAR, reducing_gap=_RESIZE_REDUCING_GAP
             )
 
-        # HWC bytes viewed as NCHW are already channels_last: no copy, no reorder.
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
-        batch = pixels.to(self.device, non_blocking=True).permute(2, 0, 1)[None]
-        return batch.float().mul_(self._scale).sub_(self._shift)
+        pixels = pixels.to(self.device, non_blocking=True)
+        normalized = torch.mul(pixels, self._scale).sub_(self._shift)
+        # HWC viewed as NCHW is channels_last already: no copy, no reorder.
+        return normalized.permute(2, 0, 1).unsqueeze(0)
 
     def warm_up(self) -> None:
         """One pass on a blank input, so the first photo does not pay torch's setup."""
@@ -226,15 +226,8 @@ def postprocess(mask: np.ndarray, settings: Postprocess) -> np.ndarray:
 
 def encode_mask(mask: np.ndarray, width_px: int, height_px: int) -> tuple[bytes, float]:
     """The mask scaled to width_px x height_px as a 0/255 PNG, and its cover in %."""
-    small = Image.fromarray(mask.astype(np.uint8) * np.uint8(255), "L")
-    full = small.resize((width_px, height_px), Image.Resampling.NEAREST)
-
-    plant_px = int(np.count_nonzero(np.asarray(full)))
-    cover_pct = plant_px / (width_px * height_px) * 100.0
-
-    buffer = io.BytesIO()
-    full.save(buffer, "PNG", compress_level=MASK_PNG_COMPRESS_LEVEL)
-    return buffer.getvalue(), cover_pct
+    png, plant_px = encode_mask_png(mask, width_px, height_px)
+    return png, plant_px / (width_px * height_px) * 100.0
 
 
 class _Clock:
