@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -464,3 +465,21 @@ def test_device_comes_from_torch_device_or_is_chosen() -> None:
 def test_asking_for_cuda_without_it_says_what_to_do() -> None:
     with pytest.raises(ConfigError, match="TORCH_DEVICE=cpu"):
         resolve_device(Settings(torch_device="cuda"))
+
+
+def test_a_stale_partial_file_in_the_cache_is_removed_and_never_used(
+    storage: LocalStorage, present_weights: Path, tmp_path: Path
+) -> None:
+    publish_presence(storage, "1.0.0", present_weights)
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    stale = cache_dir / ".partial-killed"
+    stale.write_bytes(present_weights.read_bytes()[:100])
+    os.utime(stale, (0, 0))
+    young = cache_dir / ".partial-writing-now"
+    young.write_bytes(b"")
+
+    load(storage, "1.0.0", cache_dir)
+
+    assert not stale.exists()
+    assert young.exists()

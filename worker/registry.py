@@ -9,11 +9,14 @@ content. When the meta carries a sha256, a cached file with that digest is used
 without asking storage at all; when it does not (older files), the weights are
 downloaded on every process start, hashed, and kept under their digest.
 Files are written to a temporary name and renamed, so a half-written file is
-never used.
+never used, and a cached file is hashed again before each load, so a damaged
+one is downloaded afresh. Temporary files left by a killed process are removed
+after a day.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -57,6 +60,7 @@ PUBLISH_DEFAULTS: dict[str, dict[str, Any]] = {
 
 _IMAGENET_NORMALIZE = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 _PARTIAL_PREFIX = ".partial-"
+_PARTIAL_MAX_AGE_S = 24 * 3600
 _MAX_KEYS_LISTED = 8
 
 
@@ -481,6 +485,7 @@ def _file_sha256(path: Path) -> str:
 def _write_atomic(target: Path, data: bytes) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(target.parent)
         handle, temp_name = tempfile.mkstemp(prefix=_PARTIAL_PREFIX, dir=target.parent)
     except OSError as exc:
         raise ModelError(
@@ -503,6 +508,16 @@ def _write_atomic(target: Path, data: bytes) -> None:
         ) from None
     finally:
         temp.unlink(missing_ok=True)
+
+
+def _remove_stale_partials(cache_dir: Path) -> None:
+    # Young ones may belong to another process writing right now; old ones are
+    # what a process killed mid-write leaves behind.
+    oldest_s = time.time() - _PARTIAL_MAX_AGE_S
+    for partial in cache_dir.glob(f"{_PARTIAL_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if partial.stat().st_mtime < oldest_s:
+                partial.unlink()
 
 
 def _few(keys: list[str]) -> str:
