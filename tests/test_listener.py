@@ -130,6 +130,19 @@ def test_two_listeners_enqueue_every_row_exactly_once(
     assert sorted(enqueued) == sorted(ids)
 
 
+def test_notifications_ahead_of_the_probe_do_not_fail_the_start(
+    database_url: str, db: psycopg.Connection[Any], redis_url: str
+) -> None:
+    settings = Settings(database_url=database_url, redis_url=redis_url)
+    listener = Listener(settings, open_broker(settings), threading.Event())
+
+    with psycopg.connect(psycopg_conninfo(database_url), autocommit=True) as connection:
+        connection.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        insert_observations(db, 3)
+        # Three notifications now wait on the connection, ahead of the probe's.
+        listener._listen(connection)
+
+
 def test_terminated_connection_reconnects_and_loses_nothing(
     start_listener: StartListener,
     db: psycopg.Connection[Any],

@@ -15,6 +15,7 @@ import random
 import threading
 import time
 import uuid
+from contextlib import closing
 from typing import Any
 
 import psycopg
@@ -158,10 +159,14 @@ class Listener:
         token = uuid.uuid4().hex
         connection.execute(queries.LISTEN_PROBE)
         connection.execute(queries.SEND_PROBE, {"token": token})
-        arrived = any(
-            notify.channel == queries.PROBE_CHANNEL and notify.payload == token
-            for notify in connection.notifies(timeout=PROBE_TIMEOUT_S, stop_after=1)
-        )
+        arrived = False
+        with closing(connection.notifies(timeout=PROBE_TIMEOUT_S)) as notifies:
+            for notify in notifies:
+                # Observation notifications may come first; the sweep after this
+                # claims their rows anyway.
+                if notify.channel == queries.PROBE_CHANNEL and notify.payload == token:
+                    arrived = True
+                    break
         connection.execute(f"UNLISTEN {queries.PROBE_CHANNEL}")
         if not arrived:
             raise ConfigError(
