@@ -25,7 +25,9 @@ from worker.architectures import build
 from worker.config import Settings
 from worker.errors import ConfigError, ModelError
 from worker.inference import forget_predictors, get_predictor
+from worker.model_meta import ModelMeta, parse_meta
 from worker.registry import (
+    check_forward,
     forget_loaded_models,
     list_versions,
     load_model,
@@ -483,3 +485,41 @@ def test_a_stale_partial_file_in_the_cache_is_removed_and_never_used(
 
     assert not stale.exists()
     assert young.exists()
+
+
+class NeedsSquareInput(torch.nn.Module):
+    """A model that refuses non-square inputs and outputs two values."""
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if batch.shape[2] != batch.shape[3]:
+            raise RuntimeError("Wrong input shape: height must equal width")
+        return torch.zeros(1, 2)
+
+
+def test_check_forward_names_an_input_size_or_output_that_does_not_work() -> None:
+    meta = load_meta_for_check([64, 32])
+
+    with pytest.raises(ModelError, match="cannot run on its input_size 64x32"):
+        check_forward(NeedsSquareInput(), meta, "where")
+    with pytest.raises(ModelError, match=r"outputs shape \(1, 2\)"):
+        check_forward(NeedsSquareInput(), load_meta_for_check([64, 64]), "where")
+
+
+def load_meta_for_check(input_size: list[int]) -> ModelMeta:
+    fields = {
+        "task": "presence",
+        "name": "p",
+        "version": "1.0.0",
+        "format": "state_dict",
+        "weights_filename": "p.pt",
+        "architecture": "mobilenet_v2",
+        "num_classes": 1,
+        "input_size": input_size,
+        "normalize": {"mean": [0, 0, 0], "std": [1, 1, 1]},
+        "activation": "sigmoid",
+        "threshold": 0.5,
+        "metrics": {},
+        "sha256": "",
+        "exported_at": "",
+    }
+    return parse_meta(json.dumps(fields).encode(), "where")

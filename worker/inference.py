@@ -20,6 +20,7 @@ from PIL import Image
 from scipy import ndimage
 
 from worker.config import Settings
+from worker.errors import ModelError
 from worker.mask_png import encode_mask_png
 from worker.model_meta import ModelMeta, Postprocess
 from worker.photo import decode_photo
@@ -108,9 +109,20 @@ class ModelRunner:
         self.forward(self.prepare(blank))
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
-        """Raw logits for one batch."""
-        with torch.inference_mode():
-            logits: torch.Tensor = self.module(batch)
+        """Raw logits for one batch; ModelError if the model cannot run on it."""
+        try:
+            with torch.inference_mode():
+                logits: torch.Tensor = self.module(batch)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            height_px, width_px = self.meta.input_size
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc) else "no detail"
+            raise ModelError(
+                f"{self.meta.task} model {self.meta.name} {self.meta.version} failed "
+                f"on a {height_px}x{width_px} input ({detail}); check input_size "
+                "and architecture in its model_meta.json"
+            ) from None
         return logits
 
 

@@ -248,6 +248,33 @@ def check_state_dict(
         )
 
 
+def check_forward(model: nn.Module, meta: ModelMeta, where: str) -> None:
+    """Run `model` once on a blank input of meta's size; ModelError if it cannot."""
+    height_px, width_px = meta.input_size
+    blank = torch.zeros(1, 3, height_px, width_px)
+
+    try:
+        with torch.inference_mode():
+            output = model(blank)
+    except RuntimeError as exc:
+        raise ModelError(
+            f"{where}: the model cannot run on its input_size {height_px}x{width_px} "
+            f"({_first_line(exc)}); choose another input size"
+        ) from None
+
+    expected = "(1, 1)" if meta.task == "presence" else "(1, 1, H, W)"
+    fits = (
+        output.shape == (1, 1)
+        if meta.task == "presence"
+        else (output.dim() == 4 and output.shape[:2] == (1, 1))
+    )
+    if not fits:
+        raise ModelError(
+            f"{where}: the model outputs shape {tuple(output.shape)}, not "
+            f"{expected} as a {meta.task} model must"
+        )
+
+
 def load_version(
     storage: Storage,
     bucket: str,
@@ -421,10 +448,11 @@ def publish(
             "replace it, or publish a new version"
         )
 
-    # Loading the weights here refuses a file of the wrong architecture before
-    # any worker could try it.
+    # Loading and running the model here refuses weights of the wrong
+    # architecture, or an input size it cannot take, before any worker tries.
     model = build(architecture, task, meta.num_classes)
     load_weights(model, weights_path, meta.format, str(weights_path))
+    check_forward(model.eval(), meta, where)
 
     # Weights first, meta last: until the meta lands the version is not loadable.
     # Weights left by an earlier, unfinished publish are simply replaced.
