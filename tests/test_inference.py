@@ -122,6 +122,8 @@ def test_the_predictor_is_cached_per_process(
     assert predictor.source == "local"
     assert predictor.presence_meta.name == "presence_mobilenetv2"
     assert predictor.segmentation_meta.name == "unet_aquavplant"
+    assert predictor.presence_runner.meta is predictor.presence_meta
+    assert not predictor.segmentation_runner.module.training
 
 
 @pytest.mark.parametrize(

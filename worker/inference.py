@@ -156,6 +156,16 @@ class Predictor:
         """The segmentation model's meta."""
         return self._segmentation.meta
 
+    @property
+    def presence_runner(self) -> ModelRunner:
+        """The presence model and its input transform (for benchmarks and tools)."""
+        return self._presence
+
+    @property
+    def segmentation_runner(self) -> ModelRunner:
+        """The segmentation model and its input transform."""
+        return self._segmentation
+
     def warm_up(self) -> None:
         """Run each model once on a blank input (done by `get_predictor`)."""
         self._presence.warm_up()
