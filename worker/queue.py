@@ -6,10 +6,12 @@ with it torch and the models.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterable
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import current_millis
 from dramatiq.middleware import CurrentMessage, Retries, default_middleware
 
 from worker.config import OBSERVATIONS_QUEUE, Settings
@@ -64,12 +66,42 @@ def waiting_messages(broker: RedisBroker) -> int:
     return int(broker.client.llen(f"{broker.namespace}:{OBSERVATIONS_QUEUE}"))
 
 
-def enqueue_observations(
-    broker: dramatiq.Broker, observation_ids: Iterable[str]
-) -> int:
-    """Put one message per observation id on the queue; returns how many."""
-    count = 0
-    for observation_id in observation_ids:
-        broker.enqueue(observation_message(observation_id))
-        count += 1
-    return count
+def enqueue_observations(broker: RedisBroker, observation_ids: Iterable[str]) -> int:
+    """Put one message per observation id on the queue, in one round trip to Redis."""
+    messages = [
+        observation_message(observation_id).copy(
+            options={"redis_message_id": str(uuid.uuid4())}
+        )
+        for observation_id in observation_ids
+    ]
+    if not messages:
+        return 0
+
+    # RedisBroker.enqueue costs a round trip per message, which caps a bulk claim
+    # near 2,500 rows/s. The same script with the same arguments, sent through a
+    # pipeline, takes one round trip per batch; test_queue checks both agree.
+    dispatch = broker.scripts["dispatch"]
+    with broker.client.pipeline(transaction=False) as pipe:
+        for message in messages:
+            broker.emit_before("enqueue", message, None)
+            dispatch(
+                keys=[broker.namespace],
+                args=[
+                    "enqueue",
+                    current_millis(),
+                    OBSERVATIONS_QUEUE,
+                    broker.broker_id,
+                    broker.heartbeat_timeout,
+                    broker.dead_message_ttl,
+                    0,
+                    0,
+                    message.options["redis_message_id"],
+                    message.encode(),
+                ],
+                client=pipe,
+            )
+        pipe.execute()
+
+    for message in messages:
+        broker.emit_after("enqueue", message, None)
+    return len(messages)
