@@ -113,6 +113,7 @@ def pipeline(
     finally:
         processes.stop_all()
         postgres_service.drop_database(database_url)
+        redis.Redis.from_url(redis_url).flushdb()
 
 
 def _inherited_env() -> dict[str, str]:
