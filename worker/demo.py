@@ -162,7 +162,7 @@ def wait_until_final(
     deadline = time.monotonic() + DEADLINE_S
     with psycopg.connect(psycopg_conninfo(database_url), autocommit=True) as db:
         while True:
-            counts = dict(
+            counts: dict[str, int] = dict(
                 db.execute(
                     "SELECT status, count(*) FROM observations "
                     "WHERE id = ANY(%s::uuid[]) GROUP BY status",
@@ -177,8 +177,9 @@ def wait_until_final(
                 return
             for process in processes:
                 if process.poll() is not None:
+                    command = " ".join(str(part) for part in process.args)  # type: ignore[union-attr]
                     raise SystemExit(
-                        f"demo: {' '.join(map(str, process.args))} exited with "
+                        f"demo: {command} exited with "
                         f"{process.returncode}; see the logs in {STATE_DIR / 'logs'}"
                     )
             if time.monotonic() > deadline:

@@ -7,24 +7,19 @@ import io
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
 from worker.config import Settings
 from worker.errors import HyacinthError, ModelError, PhotoError
-from worker.inference import get_predictor
 from worker.model_meta import META_FILENAME, TASKS
-from worker.registry import (
-    LATEST,
-    configured_version,
-    list_versions,
-    model_folder,
-    publish,
-    read_meta,
-    resolve_version,
-)
-from worker.storage import Storage, open_storage
+
+if TYPE_CHECKING:
+    from worker.storage import Storage
+
+# torch, the registry and storage are imported inside the commands: `hyacinth
+# listen` builds this parser too, and must start in a second without torch.
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +96,9 @@ def register(commands: Any) -> None:
 
 def run_publish(args: argparse.Namespace, settings: Settings) -> int:
     """Publish one version of one task's model."""
+    from worker.registry import publish
+    from worker.storage import open_storage
+
     storage = open_storage(settings)
 
     meta = publish(
@@ -127,6 +125,14 @@ def run_publish(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_list(args: argparse.Namespace, settings: Settings) -> int:
     """Print every version of each task; non-zero if a configured one is missing."""
+    from worker.registry import (
+        LATEST,
+        configured_version,
+        list_versions,
+        resolve_version,
+    )
+    from worker.storage import open_storage
+
     storage = open_storage(settings)
     bucket = settings.models_bucket
     status = 0
@@ -155,6 +161,8 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_verify(args: argparse.Namespace, settings: Settings) -> int:
     """Load both configured models, run each once, and say where they came from."""
+    from worker.inference import get_predictor
+
     predictor = get_predictor(settings)
 
     prediction = predictor.predict(_verify_photo(), always_segment=True)
@@ -177,6 +185,8 @@ def run_verify(args: argparse.Namespace, settings: Settings) -> int:
 
 def run_predict(args: argparse.Namespace, settings: Settings) -> int:
     """Run both models on each photo; one JSON line each; non-zero if any failed."""
+    from worker.inference import get_predictor
+
     predictor = get_predictor(settings)
     if args.masks_dir is not None:
         args.masks_dir.mkdir(parents=True, exist_ok=True)
@@ -209,6 +219,8 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _describe_version(storage: Storage, bucket: str, task: str, version: str) -> str:
+    from worker.registry import model_folder, read_meta
+
     if not storage.exists(bucket, f"{model_folder(task, version)}/{META_FILENAME}"):
         return f"incomplete: no {META_FILENAME}, never loaded"
     try:

@@ -1,0 +1,222 @@
+"""Per-photo cost: the models' own forward time, and the whole pipeline around them."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from bench.environment import BenchEnvironment
+from worker.db import make_engine
+from worker.inference import (
+    Prediction,
+    Predictor,
+    Presence,
+    Segmentation,
+    get_predictor,
+    postprocess,
+)
+from worker.pipeline import DONE, ObservationProcessor, PhotoPredictor
+from worker.sample_photos import phone_jpeg
+from worker.storage import open_storage
+
+WARMUP_RUNS = 3
+FLOOR_RUNS = 12
+E2E_RUNS = 10
+
+STAGES = (
+    "download",
+    "decode",
+    "preprocess",
+    "presence",
+    "segmentation",
+    "mask_encode",
+    "upload",
+    "row_update",
+)
+
+
+def median_ms(samples_ms: list[float]) -> float:
+    """The median, rounded for the report."""
+    return round(statistics.median(samples_ms), 2)
+
+
+def percentile_ms(samples_ms: list[float], fraction: float) -> float:
+    """The `fraction` percentile (nearest rank), rounded for the report."""
+    ordered = sorted(samples_ms)
+    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))
+    return round(ordered[index], 2)
+
+
+def floor_ms(predictor: Predictor, photo: bytes) -> dict[str, float]:
+    """Median forward time of each model on the photo's own inputs, batch 1."""
+    image = ImageOps.exif_transpose(Image.open(io.BytesIO(photo))).convert("RGB")
+    result: dict[str, float] = {}
+    for task, runner in (
+        ("presence", predictor.presence_runner),
+        ("segmentation", predictor.segmentation_runner),
+    ):
+        batch = runner.prepare(image)
+        samples_ms = []
+        for run in range(WARMUP_RUNS + FLOOR_RUNS):
+            started_s = time.perf_counter()
+            runner.forward(batch)
+            if run >= WARMUP_RUNS:
+                samples_ms.append(_since_ms(started_s))
+        result[task] = median_ms(samples_ms)
+    return result
+
+
+class NaivePredictor:
+    """The obvious pipeline: each model decodes the full-size photo on its own."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self._presence = predictor.presence_runner
+        self._segmentation = predictor.segmentation_runner
+
+    def _decode(self, photo: bytes) -> Image.Image:
+        image = ImageOps.exif_transpose(Image.open(io.BytesIO(photo)))
+        return image.convert("RGB")
+
+    def predict(self, photo: bytes) -> Prediction:
+        """Presence and segmentation, decoding the photo once per model."""
+        timings_ms: dict[str, float] = {}
+        started_s = time.perf_counter()
+
+        image = self._decode(photo)
+        timings_ms["decode"] = _since_ms(started_s)
+        started_s = time.perf_counter()
+        batch = self._presence.prepare(image)
+        timings_ms["preprocess"] = _since_ms(started_s)
+        started_s = time.perf_counter()
+        logits = self._presence.forward(batch)
+        score = float(1.0 / (1.0 + np.exp(-float(logits.reshape(-1)[0]))))
+        label = "present" if score >= self._presence.meta.cut_off else "absent"
+        presence = Presence(score, label, self._presence.meta.version)
+        timings_ms["presence"] = _since_ms(started_s)
+        if label != "present":
+            return Prediction(presence, None, timings_ms)
+
+        started_s = time.perf_counter()
+        image = self._decode(photo)
+        timings_ms["decode"] += _since_ms(started_s)
+        started_s = time.perf_counter()
+        batch = self._segmentation.prepare(image)
+        timings_ms["preprocess"] += _since_ms(started_s)
+        started_s = time.perf_counter()
+        logits = self._segmentation.forward(batch)
+        probability = 1.0 / (1.0 + np.exp(-logits[0, 0].float().cpu().numpy()))
+        timings_ms["segmentation"] = _since_ms(started_s)
+
+        started_s = time.perf_counter()
+        meta = self._segmentation.meta
+        assert meta.postprocess is not None
+        small = postprocess(probability >= meta.cut_off, meta.postprocess)
+        mask = Image.fromarray(small.astype(np.uint8) * np.uint8(255), "L")
+        mask = mask.resize(image.size, Image.Resampling.NEAREST)
+        cover_pct = float(np.count_nonzero(np.asarray(mask))) / mask.size[0]
+        cover_pct = cover_pct / mask.size[1] * 100.0
+        buffer = io.BytesIO()
+        mask.save(buffer, "PNG")
+        timings_ms["mask_encode"] = _since_ms(started_s)
+        segmentation = Segmentation(buffer.getvalue(), cover_pct, meta.version)
+        return Prediction(presence, segmentation, timings_ms)
+
+
+def _since_ms(started_s: float) -> float:
+    return (time.perf_counter() - started_s) * 1000.0
+
+
+@dataclass
+class EndToEnd:
+    """Median wall time per observation, and median time of each stage."""
+
+    total_ms: float
+    stages_ms: dict[str, float]
+    label: str
+
+
+def end_to_end(
+    bench: BenchEnvironment,
+    predictor: PhotoPredictor,
+    photo: bytes,
+    name: str,
+) -> EndToEnd:
+    """Process observations of `photo` through the real processor, one at a time."""
+    settings = bench.settings()
+    engine = make_engine(settings, application_name="hyacinth-bench")
+    processor = ObservationProcessor(
+        settings, engine, open_storage(settings), predictor
+    )
+    path = bench.upload_photo(name, photo)
+
+    totals_ms: list[float] = []
+    stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    for run in range(WARMUP_RUNS + E2E_RUNS):
+        (observation_id,) = bench.insert_rows([path], status="queued")
+        started_s = time.perf_counter()
+        outcome = processor.process(observation_id)
+        total_ms = _since_ms(started_s)
+        if outcome != DONE:
+            raise RuntimeError(f"bench: observation {observation_id} was {outcome}")
+        if run < WARMUP_RUNS:
+            continue
+
+        totals_ms.append(total_ms)
+        with bench.connect() as db:
+            row = db.execute(
+                "SELECT timings_ms, pred FROM observations WHERE id = %s",
+                (observation_id,),
+            ).fetchone()
+        assert row is not None
+        timings, pred = row
+        for stage in STAGES:
+            if stage in timings:
+                stages[stage].append(float(timings[stage]))
+        label = pred["presence"]["label"]
+
+    engine.dispose()
+    # The final UPDATE cannot time itself: it is what the total has beyond the
+    # stages, and it is added to row_update (which holds the claim).
+    stages_ms = {stage: median_ms(values) for stage, values in stages.items() if values}
+    unaccounted_ms = median_ms(totals_ms) - sum(stages_ms.values())
+    stages_ms["row_update"] = round(stages_ms["row_update"] + unaccounted_ms, 2)
+    return EndToEnd(median_ms(totals_ms), stages_ms, label)
+
+
+def measure(bench: BenchEnvironment) -> dict[str, Any]:
+    """Floor, our pipeline and the naive one, on 12 MP photos with and without mats."""
+    predictor = get_predictor(bench.settings())
+    with_mats = phone_jpeg(plants=True, seed=1)
+    open_water = phone_jpeg(plants=False, seed=2)
+
+    floor = floor_ms(predictor, with_mats)
+    present = end_to_end(bench, predictor, with_mats, "mats.jpg")
+    absent = end_to_end(bench, predictor, open_water, "water.jpg")
+    naive = end_to_end(bench, NaivePredictor(predictor), with_mats, "mats.jpg")
+    if present.label != "present" or absent.label != "absent":
+        raise RuntimeError(
+            f"bench: expected present/absent, got {present.label}/{absent.label}"
+        )
+
+    floor_total_ms = floor["presence"] + floor["segmentation"]
+    return {
+        "photo_px": [4032, 3024],
+        "photo_bytes": {"present": len(with_mats), "absent": len(open_water)},
+        "floor_ms_presence": floor["presence"],
+        "floor_ms_segmentation": floor["segmentation"],
+        "e2e_ms_present": present.total_ms,
+        "e2e_ms_absent": absent.total_ms,
+        "e2e_over_floor_present": round(present.total_ms / floor_total_ms, 3),
+        "e2e_over_floor_absent": round(absent.total_ms / floor["presence"], 3),
+        "naive_ms_present": naive.total_ms,
+        "naive_over_floor_present": round(naive.total_ms / floor_total_ms, 3),
+        "stages_ms_present": present.stages_ms,
+        "stages_ms_absent": absent.stages_ms,
+        "stages_ms_naive_present": naive.stages_ms,
+    }

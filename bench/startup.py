@@ -1,0 +1,67 @@
+"""A real worker process: time to its first finished observation, and its memory."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from typing import Any
+
+import psutil
+
+from bench.environment import BenchEnvironment, background, wait_until
+from worker.sample_photos import phone_jpeg
+
+
+def _peak_rss_mb(pid: int) -> float:
+    """The largest resident set a process had (VmHWM), in MiB."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"bench: no VmHWM for process {pid}")
+
+
+def _first_observation(bench: BenchEnvironment, path: str, name: str) -> dict[str, Any]:
+    """Start a worker, insert one observation, and wait for it to be done."""
+    python = sys.executable
+    worker = [python, "-m", "dramatiq", "worker.actors"]
+    worker += ["--processes", "1", "--threads", "1"]
+    log_path = bench.work_dir / f"worker-{name}.log"
+
+    started_s = time.perf_counter()
+    with background(worker, bench.env, log_path) as process:
+        (observation_id,) = bench.insert_rows([path])
+
+        def done() -> bool:
+            with bench.connect() as db:
+                row = db.execute(
+                    "SELECT status FROM observations WHERE id = %s", (observation_id,)
+                ).fetchone()
+            if process.poll() is not None:
+                raise RuntimeError(f"bench: worker exited; see {log_path}")
+            return row is not None and row[0] in ("done", "failed")
+
+        wait_until(done, timeout_s=300, what="for the worker's first observation")
+        first_s = time.perf_counter() - started_s
+
+        children = psutil.Process(process.pid).children(recursive=True)
+        peak_mb = max(_peak_rss_mb(child.pid) for child in children)
+    return {"first_s": round(first_s, 2), "peak_rss_mb": round(peak_mb, 1)}
+
+
+def measure(bench: BenchEnvironment) -> dict[str, Any]:
+    """Cold start (empty model cache), warm start (filled), and peak memory."""
+    path = bench.upload_photo("startup.jpg", phone_jpeg(plants=True, seed=3))
+    listener = [sys.executable, "-m", "worker.cli", "listen"]
+
+    with background(listener, bench.env, bench.work_dir / "listener-startup.log"):
+        shutil.rmtree(bench.env["MODEL_CACHE_DIR"], ignore_errors=True)
+        cold = _first_observation(bench, path, "cold")
+        warm = _first_observation(bench, path, "warm")
+
+    return {
+        "cold_start_s": cold["first_s"],
+        "warm_start_s": warm["first_s"],
+        "worker_rss_mb": max(cold["peak_rss_mb"], warm["peak_rss_mb"]),
+    }
