@@ -41,6 +41,16 @@ def _count_status(bench: BenchEnvironment, status: str, ids: list[str]) -> int:
     return int(row[0])
 
 
+def _unfinished(bench: BenchEnvironment) -> int:
+    """How many rows the stand-in has not marked done yet."""
+    with bench.connect() as db:
+        row = db.execute(
+            "SELECT count(*) FROM observations WHERE status <> 'done'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def _pending(bench: BenchEnvironment) -> int:
     """How many rows still wait for the listener."""
     with bench.connect() as db:
@@ -102,6 +112,11 @@ def measure(bench: BenchEnvironment) -> dict[str, Any]:
             lambda: _pending(bench) == 0,
             timeout_s=300,
             what="for the bulk insert to be claimed",
+        )
+        wait_until(
+            lambda: _unfinished(bench) == 0,
+            timeout_s=300,
+            what="for the stand-in to drain the queue",
         )
 
     return {

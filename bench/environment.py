@@ -33,6 +33,7 @@ class BenchEnvironment:
     work_dir: Path
     database_url: str
     redis_url: str
+    worker_threads: int
     torch_threads: int
     env: dict[str, str] = field(default_factory=dict)
 
@@ -65,8 +66,13 @@ class BenchEnvironment:
 
 
 def prepare(work_dir: Path, database_url: str, redis_url: str) -> BenchEnvironment:
-    """Migrate the database and publish full-size models into local storage."""
-    torch_threads = os.cpu_count() or 1
+    """Migrate the database and publish full-size models into local storage.
+
+    The worker runs as the README advises: one process, a worker thread per core,
+    one torch thread each.
+    """
+    worker_threads = os.cpu_count() or 1
+    torch_threads = 1
     env = {
         key: value
         for key, value in os.environ.items()
@@ -78,11 +84,14 @@ def prepare(work_dir: Path, database_url: str, redis_url: str) -> BenchEnvironme
         LOCAL_STORAGE_DIR=str(work_dir / "storage"),
         MODEL_CACHE_DIR=str(work_dir / "model-cache"),
         TORCH_NUM_THREADS=str(torch_threads),
+        WORKER_THREADS=str(worker_threads),
         PYTHONUNBUFFERED="1",
         LOG_LEVEL="WARNING",
         dramatiq_worker_timeout="20",
     )
-    bench = BenchEnvironment(work_dir, database_url, redis_url, torch_threads, env)
+    bench = BenchEnvironment(
+        work_dir, database_url, redis_url, worker_threads, torch_threads, env
+    )
 
     subprocess.run(
         [sys.executable, "-m", "alembic", "upgrade", "head"],

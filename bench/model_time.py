@@ -5,10 +5,12 @@ from __future__ import annotations
 import io
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from bench.environment import BenchEnvironment
@@ -28,6 +30,7 @@ from worker.storage import open_storage
 WARMUP_RUNS = 3
 FLOOR_RUNS = 12
 E2E_RUNS = 10
+THROUGHPUT_PHOTOS = 12
 
 STAGES = (
     "download",
@@ -141,6 +144,12 @@ class EndToEnd:
     label: str
 
 
+def _processor(bench: BenchEnvironment, predictor: PhotoPredictor) -> Any:
+    settings = bench.settings()
+    engine = make_engine(settings, application_name="hyacinth-bench")
+    return ObservationProcessor(settings, engine, open_storage(settings), predictor)
+
+
 def end_to_end(
     bench: BenchEnvironment,
     predictor: PhotoPredictor,
@@ -148,15 +157,12 @@ def end_to_end(
     name: str,
 ) -> EndToEnd:
     """Process observations of `photo` through the real processor, one at a time."""
-    settings = bench.settings()
-    engine = make_engine(settings, application_name="hyacinth-bench")
-    processor = ObservationProcessor(
-        settings, engine, open_storage(settings), predictor
-    )
+    processor = _processor(bench, predictor)
     path = bench.upload_photo(name, photo)
 
     totals_ms: list[float] = []
     stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    label = ""
     for run in range(WARMUP_RUNS + E2E_RUNS):
         (observation_id,) = bench.insert_rows([path], status="queued")
         started_s = time.perf_counter()
@@ -180,7 +186,7 @@ def end_to_end(
                 stages[stage].append(float(timings[stage]))
         label = pred["presence"]["label"]
 
-    engine.dispose()
+    processor.engine.dispose()
     # The final UPDATE cannot time itself: it is what the total has beyond the
     # stages, and it is added to row_update (which holds the claim).
     stages_ms = {stage: median_ms(values) for stage, values in stages.items() if values}
@@ -189,12 +195,44 @@ def end_to_end(
     return EndToEnd(median_ms(totals_ms), stages_ms, label)
 
 
+def photos_per_s(
+    bench: BenchEnvironment,
+    predictor: PhotoPredictor,
+    photo: bytes,
+    *,
+    worker_threads: int,
+    torch_threads: int,
+) -> float:
+    """Throughput of one worker process: `worker_threads` observations at a time."""
+    torch.set_num_threads(torch_threads)
+    processor = _processor(bench, predictor)
+    path = bench.upload_photo("throughput.jpg", photo)
+    warmup = bench.insert_rows([path] * worker_threads, status="queued")
+    ids = bench.insert_rows([path] * THROUGHPUT_PHOTOS, status="queued")
+
+    with ThreadPoolExecutor(max_workers=worker_threads) as pool:
+        list(pool.map(processor.process, warmup))
+        started_s = time.perf_counter()
+        outcomes = list(pool.map(processor.process, ids))
+        elapsed_s = time.perf_counter() - started_s
+
+    processor.engine.dispose()
+    if set(outcomes) != {DONE}:
+        raise RuntimeError(f"bench: throughput run ended {sorted(set(outcomes))}")
+    return round(len(ids) / elapsed_s, 3)
+
+
 def measure(bench: BenchEnvironment) -> dict[str, Any]:
-    """Floor, our pipeline and the naive one, on 12 MP photos with and without mats."""
+    """Floor, our pipeline and the naive one, on 12 MP photos with and without mats.
+
+    Per-photo numbers use the worker's own settings (one torch thread per worker
+    thread); throughput compares them with one worker thread using every core.
+    """
     predictor = get_predictor(bench.settings())
     with_mats = phone_jpeg(plants=True, seed=1)
     open_water = phone_jpeg(plants=False, seed=2)
 
+    torch.set_num_threads(bench.torch_threads)
     floor = floor_ms(predictor, with_mats)
     present = end_to_end(bench, predictor, with_mats, "mats.jpg")
     absent = end_to_end(bench, predictor, open_water, "water.jpg")
@@ -204,7 +242,24 @@ def measure(bench: BenchEnvironment) -> dict[str, Any]:
             f"bench: expected present/absent, got {present.label}/{absent.label}"
         )
 
+    cores = bench.worker_threads * bench.torch_threads
+    torch.set_num_threads(cores)
+    floor_all_cores = floor_ms(predictor, with_mats)
+    present_all_cores = end_to_end(bench, predictor, with_mats, "mats.jpg")
+    throughput = photos_per_s(
+        bench,
+        predictor,
+        with_mats,
+        worker_threads=bench.worker_threads,
+        torch_threads=bench.torch_threads,
+    )
+    throughput_all_cores = photos_per_s(
+        bench, predictor, with_mats, worker_threads=1, torch_threads=cores
+    )
+    torch.set_num_threads(bench.torch_threads)
+
     floor_total_ms = floor["presence"] + floor["segmentation"]
+    floor_all_cores_ms = floor_all_cores["presence"] + floor_all_cores["segmentation"]
     return {
         "photo_px": [4032, 3024],
         "photo_bytes": {"present": len(with_mats), "absent": len(open_water)},
@@ -219,4 +274,16 @@ def measure(bench: BenchEnvironment) -> dict[str, Any]:
         "stages_ms_present": present.stages_ms,
         "stages_ms_absent": absent.stages_ms,
         "stages_ms_naive_present": naive.stages_ms,
+        "photos_per_s_present": throughput,
+        "one_thread_all_cores": {
+            "torch_threads": cores,
+            "floor_ms_presence": floor_all_cores["presence"],
+            "floor_ms_segmentation": floor_all_cores["segmentation"],
+            "e2e_ms_present": present_all_cores.total_ms,
+            "e2e_over_floor_present": round(
+                present_all_cores.total_ms / floor_all_cores_ms, 3
+            ),
+            "stages_ms_present": present_all_cores.stages_ms,
+            "photos_per_s_present": throughput_all_cores,
+        },
     }

@@ -26,7 +26,7 @@ def _first_observation(bench: BenchEnvironment, path: str, name: str) -> dict[st
     """Start a worker, insert one observation, and wait for it to be done."""
     python = sys.executable
     worker = [python, "-m", "dramatiq", "worker.actors"]
-    worker += ["--processes", "1", "--threads", "1"]
+    worker += ["--processes", "1", "--threads", str(bench.worker_threads)]
     log_path = bench.work_dir / f"worker-{name}.log"
 
     started_s = time.perf_counter()

@@ -225,6 +225,34 @@ def test_expired_rows_go_back_on_the_queue(
     )
 
 
+def test_a_photo_that_kills_every_worker_fails_instead_of_looping(
+    database_url: str, db: psycopg.Connection[Any], redis_url: str
+) -> None:
+    settings = Settings(database_url=database_url, redis_url=redis_url, max_retries=2)
+    died_once, died_every_time = insert_observations(db, 2)
+    for observation_id, attempts in ((died_once, 1), (died_every_time, 3)):
+        db.execute(
+            "UPDATE observations SET status = 'processing', attempts = %s, "
+            "heartbeat_at = now() - interval '1 hour' WHERE id = %s",
+            (attempts, observation_id),
+        )
+    listener = Listener(settings, open_broker(settings), threading.Event())
+
+    with psycopg.connect(psycopg_conninfo(database_url), autocommit=True) as connection:
+        listener.sweep(connection)
+
+    assert statuses(db, [died_once, died_every_time]) == {
+        died_once: "queued",
+        died_every_time: "failed",
+    }
+    assert enqueued_ids(redis_url) == [died_once]
+    error = db.execute(
+        "SELECT error FROM observations WHERE id = %s", (died_every_time,)
+    ).fetchone()
+    assert error is not None
+    assert error[0].startswith("gave up after 3 tries: the worker stopped")
+
+
 def test_old_queued_rows_are_left_alone_while_messages_wait(
     database_url: str, db: psycopg.Connection[Any], redis_url: str
 ) -> None:

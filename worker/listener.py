@@ -216,7 +216,25 @@ class Listener:
     def sweep(self, connection: psycopg.Connection[Any]) -> None:
         """The safety sweep: pending rows, then rows whose lease expired."""
         self.claim_pending(connection)
+        self.fail_abandoned(connection)
         self.claim_expired(connection)
+
+    def fail_abandoned(self, connection: psycopg.Connection[Any]) -> int:
+        """Fail rows whose worker died on every try, rather than queue them again."""
+        params = {
+            "limit": self.settings.claim_batch_size,
+            "lease_s": self.settings.lease_s,
+            "max_attempts": self.settings.max_retries + 1,
+        }
+        rows = connection.execute(queries.FAIL_ABANDONED, params).fetchall()
+        for observation_id, attempts in rows:
+            log.warning(
+                "observation.gave_up observation_id=%s attempts=%d: its worker "
+                "stopped during every try",
+                observation_id,
+                attempts,
+            )
+        return len(rows)
 
     def claim_pending(self, connection: psycopg.Connection[Any]) -> int:
         """Move pending rows to queued and enqueue them, batch by batch."""

@@ -126,6 +126,25 @@ WHERE o.id = expired.id
 RETURNING o.id, expired.status
 """
 
+# A photo whose worker stopped every time it tried (killed, out of memory) is not
+# tried again: each new try would take another worker down with it.
+FAIL_ABANDONED = """
+UPDATE observations
+SET status = 'failed', pred = '{}'::jsonb, finished_at = now(),
+    error = 'gave up after ' || attempts || ' tries: the worker stopped while '
+            || 'processing this photo each time (killed, or out of memory)'
+WHERE id IN (
+    SELECT id FROM observations
+    WHERE status = 'processing'
+      AND attempts >= %(max_attempts)s
+      AND coalesce(heartbeat_at, updated_at)
+          < now() - make_interval(secs => %(lease_s)s)
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING id, attempts
+"""
+
 # --- Worker (every write after the claim is fenced by the attempts it returned) ---
 
 CLAIM_OBSERVATION = """
