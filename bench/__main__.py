@@ -39,7 +39,7 @@ def machine(worker_threads: int, torch_threads: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch_threads,
-        "device": "cpu",
+        "device": "cpu (TORCH_DEVICE=cpu)",
         "worker_processes": 1,
         "worker_threads": worker_threads,
         "dramatiq_worker_timeout_ms": 20,

@@ -83,6 +83,7 @@ def prepare(work_dir: Path, database_url: str, redis_url: str) -> BenchEnvironme
         REDIS_URL=redis_url,
         LOCAL_STORAGE_DIR=str(work_dir / "storage"),
         MODEL_CACHE_DIR=str(work_dir / "model-cache"),
+        TORCH_DEVICE="cpu",
         TORCH_NUM_THREADS=str(torch_threads),
         WORKER_THREADS=str(worker_threads),
         PYTHONUNBUFFERED="1",

@@ -238,3 +238,23 @@ def copy_models(published_models: PublishedModels, root: Path) -> None:
     shutil.copytree(
         published_models.storage_dir / "models", root / "models", dirs_exist_ok=True
     )
+
+
+def test_worker_whose_models_cannot_load_exits_instead_of_serving(
+    processes: ProcessGroup, local_env: dict[str, str]
+) -> None:
+    env = {**local_env, "SEGMENTATION_MODEL_VERSION": "9.9.9"}
+
+    worker = processes.dramatiq(env, name="worker-no-model")
+    exit_status = wait_for(
+        lambda: worker.poll(),
+        timeout_s=120,
+        what="the worker to give up its boot",
+        on_timeout=processes.logs,
+    )
+
+    assert exit_status != 0
+    output = processes.output()
+    assert "worker.boot_failed" in output
+    assert "9.9.9" in output
+    assert "ready for action" not in output

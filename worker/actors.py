@@ -11,10 +11,10 @@ import logging
 import threading
 
 import dramatiq
-from dramatiq.middleware import CurrentMessage
+from dramatiq.middleware import CurrentMessage, MiddlewareError
 
 from worker.config import OBSERVATIONS_QUEUE, Settings
-from worker.logs import RedactSecrets
+from worker.logs import RedactSecrets, check_log_level
 from worker.pipeline import ObservationProcessor, RetryLater
 from worker.queue import ACTOR_NAME, open_broker
 
@@ -55,7 +55,7 @@ class LoadModels(dramatiq.Middleware):
         """Build the processor, loading the configured models, or fail loudly."""
         try:
             get_processor()
-        except Exception:
+        except Exception as error:
             log.critical(
                 "worker.boot_failed presence=%s segmentation=%s: fix the model "
                 "settings or storage, then restart the worker",
@@ -63,7 +63,9 @@ class LoadModels(dramatiq.Middleware):
                 settings.segmentation_model_version,
                 exc_info=True,
             )
-            raise
+            # Dramatiq logs and ignores any other exception from a middleware, and
+            # would start the threads anyway: every message would then fail.
+            raise MiddlewareError(f"worker boot failed: {error}") from error
         log.info(
             "worker.ready presence=%s segmentation=%s",
             settings.presence_model_version,
@@ -76,7 +78,7 @@ def _install_log_filter() -> None:
     redact = RedactSecrets([settings.supabase_service_role_key])
     for handler in logging.getLogger().handlers:
         handler.addFilter(redact)
-    logging.getLogger("worker").setLevel(settings.log_level.upper())
+    logging.getLogger("worker").setLevel(check_log_level(settings.log_level))
     for noisy in ("httpx", "httpcore", "hpack", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

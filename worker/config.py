@@ -84,6 +84,15 @@ class Settings:
                 "SUPABASE_URL is set but SUPABASE_SERVICE_ROLE_KEY is empty: set the "
                 "service role key from the Supabase dashboard (Settings > API)"
             )
+        for variable, value in (
+            ("LEASE_S", self.lease_s),
+            ("HEARTBEAT_S", self.heartbeat_s),
+            ("SWEEP_INTERVAL_S", self.sweep_interval_s),
+            ("CLAIM_BATCH_SIZE", self.claim_batch_size),
+            ("MAX_IMAGE_PIXELS", self.max_image_pixels),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{variable} must be above zero, not {value}")
         if self.heartbeat_s >= self.lease_s:
             raise ConfigError(
                 f"HEARTBEAT_S ({self.heartbeat_s}) must be shorter than LEASE_S "

@@ -75,6 +75,10 @@ class Observation(Base):
     attempts: Mapped[int] = mapped_column(
         Integer, nullable=False, server_default=text("0")
     )
+    #: Times a worker died holding this row (its lease expired); reset on reprocess.
+    lost_leases: Mapped[int] = mapped_column(
+        Integer, nullable=False, server_default=text("0")
+    )
     timings_ms: Mapped[dict[str, float]] = mapped_column(
         JSONB, nullable=False, server_default=text("'{}'::jsonb")
     )

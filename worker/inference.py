@@ -10,6 +10,7 @@ the values 0 and 255) while it is written as an 8-bit greyscale PNG (see
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -214,6 +215,11 @@ class Predictor:
         logits = self._presence.forward(batch)
         score = float(torch.sigmoid(logits.reshape(-1)[0]).item())
         meta = self._presence.meta
+        if not math.isfinite(score):
+            raise ModelError(
+                f"presence model {meta.name} {meta.version} gave a score of {score}; "
+                "its weights are broken: publish a fixed version"
+            )
         label = "present" if score >= meta.cut_off else "absent"
         return Presence(score=score, label=label, model_v=meta.version)
 

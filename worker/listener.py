@@ -220,19 +220,19 @@ class Listener:
         self.claim_expired(connection)
 
     def fail_abandoned(self, connection: psycopg.Connection[Any]) -> int:
-        """Fail rows whose worker died on every try, rather than queue them again."""
+        """Fail rows whose worker died more than MAX_RETRIES times holding them."""
         params = {
             "limit": self.settings.claim_batch_size,
             "lease_s": self.settings.lease_s,
-            "max_attempts": self.settings.max_retries + 1,
+            "max_lost_leases": self.settings.max_retries,
         }
         rows = connection.execute(queries.FAIL_ABANDONED, params).fetchall()
-        for observation_id, attempts in rows:
+        for observation_id, lost_leases in rows:
             log.warning(
-                "observation.gave_up observation_id=%s attempts=%d: its worker "
-                "stopped during every try",
+                "observation.gave_up observation_id=%s lost_leases=%d: its worker "
+                "died on every try",
                 observation_id,
-                attempts,
+                lost_leases,
             )
         return len(rows)
 

@@ -6,6 +6,8 @@ import logging
 import os
 import sys
 
+from worker.errors import ConfigError
+
 _FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 
 
@@ -17,13 +19,22 @@ class RedactSecrets(logging.Filter):
         self._secrets = [secret for secret in secrets if len(secret) >= 8]
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the message, and any traceback, without the secrets."""
         if not self._secrets:
             return True
         message = record.getMessage()
         redacted = redact(message, self._secrets)
         if redacted != message:
             record.msg, record.args = redacted, None
+
+        # Formatters print exc_text when set, so the traceback is redacted too.
+        if record.exc_info and not record.exc_text:
+            traceback_text = _TRACEBACKS.formatException(record.exc_info)
+            record.exc_text = redact(traceback_text, self._secrets)
         return True
+
+
+_TRACEBACKS = logging.Formatter()
 
 
 def redact(text: str, secrets: list[str]) -> str:
@@ -33,6 +44,16 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
+def check_log_level(level: str) -> str:
+    """`level` in capitals, or ConfigError naming LOG_LEVEL."""
+    name = level.upper()
+    if not isinstance(logging.getLevelName(name), int):
+        raise ConfigError(
+            f"LOG_LEVEL={level!r} is not a log level: use DEBUG, INFO, WARNING or ERROR"
+        )
+    return name
+
+
 def configure_logging(level: str = "INFO") -> None:
     """One line per record on stderr, with secrets redacted."""
     handler = logging.StreamHandler(sys.stderr)
@@ -40,6 +61,6 @@ def configure_logging(level: str = "INFO") -> None:
     handler.addFilter(RedactSecrets([os.environ.get("SUPABASE_SERVICE_ROLE_KEY", "")]))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    root.setLevel(check_log_level(level))
     for noisy in ("httpx", "httpcore", "urllib3", "hpack"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

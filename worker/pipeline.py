@@ -176,19 +176,22 @@ class ObservationProcessor:
         except Exception as error:
             if not is_transient(error):
                 raise
+            reason = self._clean(describe(error))
             log.info(
                 "observation.retrying observation_id=%s try=%d error=%s",
                 observation_id,
                 retries + 1,
-                describe(error),
+                reason,
             )
-            raise RetryLater(self._clean(describe(error))) from error
+            raise RetryLater(reason) from error
 
     def _process(self, observation_id: str, retries: int) -> str:
         try:
             observation_id = str(uuid.UUID(observation_id))
         except ValueError:
-            log.error("observation.bad_message observation_id=%r", observation_id[:80])
+            log.warning(
+                "observation.bad_message observation_id=%r ignored", observation_id[:80]
+            )
             return SKIPPED
 
         started_s = time.perf_counter()

@@ -120,29 +120,31 @@ WITH expired AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE observations AS o
-SET status = 'queued', queued_at = now()
+SET status = 'queued', queued_at = now(),
+    lost_leases = o.lost_leases + (expired.status = 'processing')::int
 FROM expired
 WHERE o.id = expired.id
 RETURNING o.id, expired.status
 """
 
-# A photo whose worker stopped every time it tried (killed, out of memory) is not
-# tried again: each new try would take another worker down with it.
+# A photo whose worker died every time it was tried (killed, out of memory) is not
+# queued again: each new try would take another worker down with it.
 FAIL_ABANDONED = """
 UPDATE observations
 SET status = 'failed', pred = '{}'::jsonb, finished_at = now(),
-    error = 'gave up after ' || attempts || ' tries: the worker stopped while '
-            || 'processing this photo each time (killed, or out of memory)'
+    lost_leases = lost_leases + 1,
+    error = 'gave up: the worker died ' || (lost_leases + 1) || ' times while '
+            || 'processing this photo (killed, or out of memory)'
 WHERE id IN (
     SELECT id FROM observations
     WHERE status = 'processing'
-      AND attempts >= %(max_attempts)s
+      AND lost_leases >= %(max_lost_leases)s
       AND coalesce(heartbeat_at, updated_at)
           < now() - make_interval(secs => %(lease_s)s)
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
-RETURNING id, attempts
+RETURNING id, lost_leases
 """
 
 # --- Worker (every write after the claim is fenced by the attempts it returned) ---
@@ -186,7 +188,7 @@ WHERE id = %(id)s AND status = 'processing' AND attempts = %(token)s
 # --- Commands ---
 
 REPROCESS = """
-UPDATE observations SET status = 'pending'
+UPDATE observations SET status = 'pending', lost_leases = 0
 WHERE status = ANY(%(statuses)s)
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
 """

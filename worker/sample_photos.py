@@ -70,7 +70,7 @@ def encode_jpeg(
 def phone_jpeg(*, plants: bool, seed: int = 0) -> bytes:
     """A 4032x3024 (12 MP) phone-sized JPEG of about 5 MB, with or without mats."""
     image, _ = water_scene(4032, 3024, mats=3 if plants else 0, seed=seed)
-    return encode_jpeg(image, quality=93)
+    return encode_jpeg(image, quality=95)
 
 
 def corrupt_jpeg(seed: int = 0) -> bytes:
