@@ -20,6 +20,7 @@ import torch
 from bench import dispatch, model_time, startup
 from bench.environment import prepare
 from worker.embedded import embedded_services
+from worker.pipeline import STAGES
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -102,7 +103,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["| stage | ours | naive |", "|---|---|---|"]
     ours = results["stages_ms_present"]
     naive = results["stages_ms_naive_present"]
-    for stage in model_time.STAGES:
+    for stage in STAGES:
         lines.append(f"| {stage} | {ours.get(stage, '-')} | {naive.get(stage, '-')} |")
     return "\n".join(lines) + "\n"
 

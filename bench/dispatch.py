@@ -11,8 +11,9 @@ import sys
 import time
 from typing import Any
 
-from bench.environment import BenchEnvironment, background, wait_until
+from bench.environment import REPO_ROOT, BenchEnvironment, wait_until
 from bench.model_time import median_ms, percentile_ms
+from worker.embedded import background
 
 SINGLE_INSERTS = 500
 BULK_ROWS = 10_000
@@ -70,8 +71,8 @@ def measure(bench: BenchEnvironment) -> dict[str, Any]:
     logs = bench.work_dir
 
     with (
-        background(listener, bench.env, logs / "listener.log"),
-        background(standin, bench.env, logs / "standin.log"),
+        background(listener, bench.env, logs / "listener.log", cwd=REPO_ROOT),
+        background(standin, bench.env, logs / "standin.log", cwd=REPO_ROOT),
     ):
         warmup = bench.insert_rows(["warmup.jpg"] * 5)
         wait_until(

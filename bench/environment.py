@@ -7,8 +7,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,31 +122,6 @@ def prepare(work_dir: Path, database_url: str, redis_url: str) -> BenchEnvironme
         force=True,
     )
     return bench
-
-
-@contextmanager
-def background(
-    argv: list[str], env: Mapping[str, str], log_path: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A process running beside the benchmark, stopped with SIGTERM on the way out."""
-    with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            argv,
-            env=dict(env),
-            cwd=REPO_ROOT,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def wait_until(check: Any, *, timeout_s: float, what: str) -> float:

