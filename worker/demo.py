@@ -39,6 +39,7 @@ PHOTOS_BUCKET = "photos"
 DEMO_USER_ID = "5b0e7c1e-4a59-4a8e-9d0a-3c2f1e0d9b11"
 FINAL_STATUSES = ("done", "failed")
 DEADLINE_S = 300.0
+WORKER_THREADS = max(1, os.cpu_count() or 1)
 
 
 @dataclass(frozen=True)
@@ -241,7 +242,11 @@ def main() -> int:
             LOCAL_STORAGE_DIR=str(storage_dir),
             MODEL_CACHE_DIR=str(STATE_DIR / "model-cache"),
             PYTHONUNBUFFERED="1",
+            # The Procfile's worker settings: a worker thread per core, one torch
+            # thread each, and no prefetch beyond the threads.
+            TORCH_NUM_THREADS="1",
             dramatiq_worker_timeout="20",
+            dramatiq_queue_prefetch=str(WORKER_THREADS),
         )
         settings = Settings.from_env(env)
         python = sys.executable
@@ -288,7 +293,7 @@ def main() -> int:
         )
         listener_argv = [python, "-m", "worker.cli", "listen"]
         worker_argv = [python, "-m", "dramatiq", "worker.actors"]
-        worker_argv += ["--processes", "1", "--threads", "1"]
+        worker_argv += ["--processes", "1", "--threads", str(WORKER_THREADS)]
         with (
             background(
                 listener_argv, env, log_dir / "listener.log", cwd=REPO_ROOT
