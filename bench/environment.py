@@ -16,7 +16,7 @@ import psycopg
 from worker.config import Settings
 from worker.db import psycopg_conninfo
 from worker.demo_models import write_demo_weights
-from worker.registry import publish
+from worker.publish import publish
 from worker.storage import open_storage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -26,13 +26,13 @@ from worker.config import Settings
 from worker.errors import ConfigError, ModelError
 from worker.inference import forget_predictors, get_predictor
 from worker.model_meta import ModelMeta, parse_meta
+from worker.publish import publish
 from worker.registry import (
     check_forward,
     forget_loaded_models,
     list_versions,
     load_model,
     load_version,
-    publish,
     resolve_device,
     resolve_version,
 )

@@ -25,7 +25,8 @@ from worker.errors import (
     StoragePathError,
     StorageRefusedError,
 )
-from worker.storage import LocalStorage, Storage, SupabaseStorage, open_storage
+from worker.storage import LocalStorage, Storage, open_storage
+from worker.supabase_storage import SupabaseStorage
 
 #: Every byte value and every kind of line ending, so no layer may mangle them.
 PAYLOAD = bytes(range(256)) + b"\r\n\n\r--boundary\r\n\r\n" + bytes(range(255, -1, -1))
@@ -408,7 +409,7 @@ def test_persistent_failures_end_in_a_transient_storage_error(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     supabase_server.fail_next(10, status=503)
-    caplog.set_level(logging.INFO, logger="worker.storage")
+    caplog.set_level(logging.INFO, logger="worker.supabase_storage")
 
     with pytest.raises(StorageError, match=r"photo\.jpg") as caught:
         supabase_storage.download(bucket, "photo.jpg")

@@ -96,7 +96,7 @@ def register(commands: Any) -> None:
 
 def run_publish(args: argparse.Namespace, settings: Settings) -> int:
     """Publish one version of one task's model."""
-    from worker.registry import publish
+    from worker.publish import publish
     from worker.storage import open_storage
 
     storage = open_storage(settings)

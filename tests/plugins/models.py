@@ -20,7 +20,7 @@ from PIL import Image
 
 from worker.architectures import build, output_layer
 from worker.config import Settings
-from worker.registry import publish
+from worker.publish import publish
 from worker.storage import LocalStorage
 
 #: The input size of every test model: small keeps the suite fast.
