@@ -1,26 +1,15 @@
-"""Versioned models in the models bucket: find, fetch, verify, load, cache.
+"""Versioned models in the models bucket: find, verify, load, and keep in memory.
 
 The bucket holds one folder per task and version: `{task}/{version}/` with the
 weights and a model_meta.json (see `worker.model_meta`). The meta is written
 last, so a version without one is half-published and never loaded.
 
-Downloaded weights are kept in MODEL_CACHE_DIR under the sha256 of their
-content. When the meta carries a sha256, a cached file with that digest is used
-without asking storage at all; when it does not (older files), the weights are
-downloaded on every process start, hashed, and kept under their digest.
-Files are written to a temporary name and renamed, so a half-written file is
-never used, and a cached file is hashed again before each load, so a damaged
-one is downloaded afresh. Temporary files left by a killed process are removed
-after a day.
+Weights files come through `worker.model_cache`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -35,6 +24,7 @@ from torch import nn
 from worker.architectures import build, get_architecture
 from worker.config import Settings
 from worker.errors import ConfigError, MissingObjectError, ModelError
+from worker.model_cache import fetch_weights
 from worker.model_meta import META_FILENAME, ModelMeta, parse_meta
 from worker.storage import Storage
 
@@ -49,8 +39,6 @@ VERSION_VARIABLES = {
     "segmentation": "SEGMENTATION_MODEL_VERSION",
 }
 
-_PARTIAL_PREFIX = ".partial-"
-_PARTIAL_MAX_AGE_S = 24 * 3600
 _MAX_KEYS_LISTED = 8
 
 
@@ -132,50 +120,6 @@ def read_meta(storage: Storage, bucket: str, task: str, version: str) -> ModelMe
     except ModelError as exc:
         raise ModelError(f"{where}: field 'architecture': {exc}") from None
     return meta
-
-
-def fetch_weights(
-    storage: Storage, bucket: str, meta: ModelMeta, cache_dir: Path
-) -> Path:
-    """A local, verified copy of the weights, from the cache or downloaded into it."""
-    where = describe(bucket, meta.task, meta.version, meta.weights_filename)
-    suffix = Path(meta.weights_filename).suffix
-
-    if meta.sha256:
-        cached = cache_dir / f"{meta.sha256}{suffix}"
-        if cached.is_file() and _file_sha256(cached) == meta.sha256:
-            log.info("model.cache_hit file=%s cached=%s", where, cached)
-            return cached
-
-    started_s = time.perf_counter()
-    try:
-        data = storage.download(
-            bucket, f"{model_folder(meta.task, meta.version)}/{meta.weights_filename}"
-        )
-    except MissingObjectError:
-        raise ModelError(
-            f"{where} not found in {storage.backend} storage, though its "
-            "model_meta.json names it: publish the version again with --force"
-        ) from None
-    digest = hashlib.sha256(data).hexdigest()
-    if meta.sha256 and digest != meta.sha256:
-        raise ModelError(
-            f"{where} has sha256 {digest} but its model_meta.json says "
-            f"{meta.sha256}: the weights were changed or damaged; publish the "
-            "version again with --force"
-        )
-
-    target = cache_dir / f"{digest}{suffix}"
-    if not (target.is_file() and _file_sha256(target) == digest):
-        _write_atomic(target, data)
-    log.info(
-        "model.downloaded file=%s size_bytes=%d download_ms=%.0f cached=%s",
-        where,
-        len(data),
-        (time.perf_counter() - started_s) * 1000,
-        target,
-    )
-    return target
 
 
 def load_weights(model: nn.Module, weights: Path, fmt: str, where: str) -> None:
@@ -277,7 +221,14 @@ def load_version(
     """Read meta, fetch and verify weights, build and load the model (no caching)."""
     started_s = time.perf_counter()
     meta = read_meta(storage, bucket, task, version)
-    weights = fetch_weights(storage, bucket, meta, cache_dir)
+    weights = fetch_weights(
+        storage,
+        bucket,
+        f"{model_folder(meta.task, meta.version)}/{meta.weights_filename}",
+        sha256=meta.sha256,
+        cache_dir=cache_dir,
+        where=describe(bucket, meta.task, meta.version, meta.weights_filename),
+    )
 
     model = build(meta.architecture, meta.task, meta.num_classes)
     load_weights(
@@ -377,52 +328,6 @@ def resolve_device(settings: Settings) -> torch.device:
             "CUDA device: install the CUDA build of torch or set TORCH_DEVICE=cpu"
         )
     return device
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(target.parent)
-        handle, temp_name = tempfile.mkstemp(prefix=_PARTIAL_PREFIX, dir=target.parent)
-    except OSError as exc:
-        raise ModelError(
-            f"cannot write to MODEL_CACHE_DIR {target.parent}: "
-            f"{exc.strerror or exc}; point it at a writable folder"
-        ) from None
-
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        temp.chmod(0o644)
-        os.replace(temp, target)
-    except OSError as exc:
-        raise ModelError(
-            f"cannot write {target} in MODEL_CACHE_DIR: {exc.strerror or exc}; "
-            "check free space and permissions"
-        ) from None
-    finally:
-        temp.unlink(missing_ok=True)
-
-
-def _remove_stale_partials(cache_dir: Path) -> None:
-    # Young ones may belong to another process writing right now; old ones are
-    # what a process killed mid-write leaves behind.
-    oldest_s = time.time() - _PARTIAL_MAX_AGE_S
-    for partial in cache_dir.glob(f"{_PARTIAL_PREFIX}*"):
-        with contextlib.suppress(OSError):
-            if partial.stat().st_mtime < oldest_s:
-                partial.unlink()
 
 
 def _few(keys: list[str]) -> str:
