@@ -30,38 +30,6 @@ def _latencies_ms(bench: BenchEnvironment, ids: list[str]) -> list[float]:
     return [float(row[0]) for row in rows]
 
 
-def _count_status(bench: BenchEnvironment, status: str, ids: list[str]) -> int:
-    """How many of `ids` have `status`."""
-    with bench.connect() as db:
-        row = db.execute(
-            "SELECT count(*) FROM observations "
-            "WHERE status = %s AND id = ANY(%s::uuid[])",
-            (status, ids),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def _unfinished(bench: BenchEnvironment) -> int:
-    """How many rows the stand-in has not marked done yet."""
-    with bench.connect() as db:
-        row = db.execute(
-            "SELECT count(*) FROM observations WHERE status <> 'done'"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
-def _pending(bench: BenchEnvironment) -> int:
-    """How many rows still wait for the listener."""
-    with bench.connect() as db:
-        row = db.execute(
-            "SELECT count(*) FROM observations WHERE status = 'pending'"
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 def measure(bench: BenchEnvironment) -> dict[str, Any]:
     """Single-insert latency percentiles and bulk claim rate."""
     python = sys.executable
@@ -76,7 +44,7 @@ def measure(bench: BenchEnvironment) -> dict[str, Any]:
     ):
         warmup = bench.insert_rows(["warmup.jpg"] * 5)
         wait_until(
-            lambda: _count_status(bench, "done", warmup) == len(warmup),
+            lambda: bench.status_counts(warmup).get("done") == len(warmup),
             timeout_s=60,
             what="for the stand-in worker to start",
         )
@@ -96,7 +64,7 @@ def measure(bench: BenchEnvironment) -> dict[str, Any]:
                 ids.append(row[0])
                 time.sleep(rng.uniform(0.005, 0.040))
         wait_until(
-            lambda: _count_status(bench, "done", ids) == len(ids),
+            lambda: bench.status_counts(ids).get("done") == len(ids),
             timeout_s=120,
             what="for every single insert to reach the stand-in",
         )
@@ -110,12 +78,12 @@ def measure(bench: BenchEnvironment) -> dict[str, Any]:
                 (BULK_ROWS,),
             )
         bulk_s = wait_until(
-            lambda: _pending(bench) == 0,
+            lambda: "pending" not in bench.status_counts(),
             timeout_s=300,
             what="for the bulk insert to be claimed",
         )
         wait_until(
-            lambda: _unfinished(bench) == 0,
+            lambda: bench.status_counts().keys() <= {"done"},
             timeout_s=300,
             what="for the stand-in to drain the queue",
         )

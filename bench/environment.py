@@ -16,6 +16,7 @@ import psycopg
 from worker.config import Settings
 from worker.db import psycopg_conninfo
 from worker.demo_models import write_demo_weights
+from worker.embedded import child_environment
 from worker.publish import publish
 from worker.storage import open_storage
 
@@ -42,6 +43,22 @@ class BenchEnvironment:
     def connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         """An autocommit connection to the benchmark's database."""
         return psycopg.connect(psycopg_conninfo(self.database_url), autocommit=True)
+
+    def status_counts(self, ids: list[str] | None = None) -> dict[str, int]:
+        """How many observations are in each status: all of them, or those of `ids`."""
+        with self.connect() as db:
+            rows = db.execute(
+                "SELECT status, count(*) FROM observations "
+                "WHERE %(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[]) "
+                "GROUP BY status",
+                {"ids": ids},
+            ).fetchall()
+        return {status: int(count) for status, count in rows}
+
+    def finished(self, ids: list[str]) -> int:
+        """How many of `ids` are done or failed."""
+        counts = self.status_counts(ids)
+        return counts.get("done", 0) + counts.get("failed", 0)
 
     def upload_photo(self, name: str, data: bytes) -> str:
         """Put a photo in the photos bucket; returns its path."""
@@ -71,12 +88,7 @@ def prepare(work_dir: Path, database_url: str, redis_url: str) -> BenchEnvironme
     """
     worker_threads = os.cpu_count() or 1
     torch_threads = 1
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("SUPABASE_", "PRESENCE_", "SEGMENTATION_"))
-    }
-    env.update(
+    env = child_environment(
         DATABASE_URL=database_url,
         REDIS_URL=redis_url,
         LOCAL_STORAGE_DIR=str(work_dir / "storage"),

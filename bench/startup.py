@@ -23,17 +23,6 @@ def _peak_rss_mb(pid: int) -> float:
     raise RuntimeError(f"bench: no VmHWM for process {pid}")
 
 
-def _all_final(bench: BenchEnvironment, ids: list[str]) -> bool:
-    """Whether every observation of `ids` is done or failed."""
-    with bench.connect() as db:
-        row = db.execute(
-            "SELECT count(*) FROM observations "
-            "WHERE id = ANY(%s::uuid[]) AND status IN ('done', 'failed')",
-            (ids,),
-        ).fetchone()
-    return row is not None and row[0] == len(ids)
-
-
 def _first_observation(bench: BenchEnvironment, path: str, name: str) -> dict[str, Any]:
     """Start a worker, insert a photo per thread, and time the first to finish."""
     python = sys.executable
@@ -47,20 +36,16 @@ def _first_observation(bench: BenchEnvironment, path: str, name: str) -> dict[st
         ids = bench.insert_rows([path] * bench.worker_threads)
 
         def done() -> bool:
-            with bench.connect() as db:
-                row = db.execute(
-                    "SELECT count(*) FROM observations "
-                    "WHERE id = ANY(%s::uuid[]) AND status IN ('done', 'failed')",
-                    (ids,),
-                ).fetchone()
             if process.poll() is not None:
                 raise RuntimeError(f"bench: worker exited; see {log_path}")
-            return row is not None and row[0] > 0
+            return bench.finished(ids) > 0
 
         wait_until(done, timeout_s=300, what="for the worker's first observation")
         first_s = time.perf_counter() - started_s
         wait_until(
-            lambda: _all_final(bench, ids), timeout_s=300, what="for the other photos"
+            lambda: bench.finished(ids) == len(ids),
+            timeout_s=300,
+            what="for the other photos",
         )
 
         children = psutil.Process(process.pid).children(recursive=True)

@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 
 from worker.config import Settings
 from worker.db import psycopg_conninfo
-from worker.embedded import background, embedded_services
+from worker.embedded import background, child_environment, embedded_services
 from worker.pipeline import STAGES
 from worker.sample_photos import corrupt_jpeg, encode_jpeg, water_scene
 from worker.storage import open_storage
@@ -231,12 +231,7 @@ def main() -> int:
     say("1. Starting embedded PostgreSQL and Redis under .demo/")
     with embedded_services(STATE_DIR / "services") as services:
         database_url = services.fresh_database("hyacinth_demo")
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("SUPABASE_", "PRESENCE_", "SEGMENTATION_"))
-        }
-        env.update(
+        env = child_environment(
             DATABASE_URL=database_url,
             REDIS_URL=services.redis_url,
             LOCAL_STORAGE_DIR=str(storage_dir),

@@ -20,9 +20,22 @@ from typing import Any
 
 import psycopg
 
+from worker.config import ENVIRONMENT_VARIABLES
 from worker.db import psycopg_conninfo
 
 log = logging.getLogger(__name__)
+
+
+def child_environment(**values: str) -> dict[str, str]:
+    """This process's environment without any of our settings, plus `values`.
+
+    Processes started for the demo, the benchmark or the tests then see only the
+    settings given to them, never a SUPABASE_URL or model version of the shell.
+    """
+    ours = set(ENVIRONMENT_VARIABLES.values())
+    env = {key: value for key, value in os.environ.items() if key not in ours}
+    env.update(values)
+    return env
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ import contextlib
 import hashlib
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 from worker.errors import MissingObjectError, ModelError
+from worker.files import write_synced_temp
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -92,28 +92,23 @@ def _write_atomic(target: Path, data: bytes) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(target.parent)
-        handle, temp_name = tempfile.mkstemp(prefix=_PARTIAL_PREFIX, dir=target.parent)
     except OSError as exc:
         raise ModelError(
             f"cannot write to MODEL_CACHE_DIR {target.parent}: "
             f"{exc.strerror or exc}; point it at a writable folder"
         ) from None
 
-    temp = Path(temp_name)
     try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        temp.chmod(0o644)
-        os.replace(temp, target)
+        temp = write_synced_temp(target.parent, data, prefix=_PARTIAL_PREFIX)
+        try:
+            os.replace(temp, target)
+        finally:
+            temp.unlink(missing_ok=True)
     except OSError as exc:
         raise ModelError(
             f"cannot write {target} in MODEL_CACHE_DIR: {exc.strerror or exc}; "
             "check free space and permissions"
         ) from None
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 def _remove_stale_partials(cache_dir: Path) -> None:

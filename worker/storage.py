@@ -6,7 +6,6 @@ import builtins
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
@@ -17,6 +16,7 @@ from worker.errors import (
     StorageError,
     StoragePathError,
 )
+from worker.files import write_synced_temp
 
 logger = logging.getLogger(__name__)
 
@@ -182,26 +182,20 @@ class LocalStorage:
                 "choose another name"
             )
 
-        handle, temp_name = tempfile.mkstemp(prefix=_TEMP_PREFIX, dir=folder)
-        temp = Path(temp_name)
         try:
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
-                stream.flush()
-                os.fsync(stream.fileno())
-            temp.chmod(0o644)
-
-            if upsert:
-                os.replace(temp, target)
-            else:
-                self._link_new(temp, target, bucket, path)
+            temp = write_synced_temp(folder, data, prefix=_TEMP_PREFIX)
+            try:
+                if upsert:
+                    os.replace(temp, target)
+                else:
+                    self._link_new(temp, target, bucket, path)
+            finally:
+                temp.unlink(missing_ok=True)
         except OSError as exc:
             raise StorageError(
                 f"cannot write {target}: {exc.strerror or exc}; check free space "
                 "and the folder's permissions"
             ) from None
-        finally:
-            temp.unlink(missing_ok=True)
 
         _fsync_folder(folder)
         logger.debug(

@@ -31,6 +31,7 @@ from alembic import command
 from alembic.config import Config
 
 from worker.db import psycopg_conninfo
+from worker.embedded import child_environment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -286,12 +287,7 @@ def processes(tmp_path: Path) -> Iterator[ProcessGroup]:
 @pytest.fixture
 def service_env(database_url: str, redis_url: str) -> dict[str, str]:
     """Environment for listener and worker processes: the test's database and Redis."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if not key.startswith(("SUPABASE_", "DATABASE_", "REDIS_"))
-    }
-    env.update(
+    return child_environment(
         DATABASE_URL=database_url,
         REDIS_URL=redis_url,
         PYTHONUNBUFFERED="1",
@@ -300,4 +296,3 @@ def service_env(database_url: str, redis_url: str) -> dict[str, str]:
         dramatiq_queue_prefetch="1",
         LOG_LEVEL="INFO",
     )
-    return env
