@@ -43,6 +43,15 @@ CATALOG_QUERIES = {
         WHERE tgrelid = to_regclass('public.observations') AND NOT tgisinternal
         ORDER BY tgname
     """,
+    "row_security": """
+        SELECT relname, relrowsecurity, relforcerowsecurity FROM pg_class
+        WHERE oid = to_regclass('public.observations')
+    """,
+    "policies": """
+        SELECT policyname, cmd, roles, qual, with_check FROM pg_policies
+        WHERE schemaname = 'public' AND tablename = 'observations'
+        ORDER BY policyname
+    """,
     "functions": """
         SELECT proname, prosrc FROM pg_proc
         WHERE pronamespace = 'public'::regnamespace ORDER BY proname
@@ -105,6 +114,9 @@ def test_migrations_and_create_all_build_the_same_catalog(
         "observations_touch_updated_at",
     ]
     assert "observations_status_check" in dict(migrated["constraints"])
+    # Plain PostgreSQL: row-level security on, and no Supabase roles to grant to.
+    assert migrated["row_security"] == [("observations", True, False)]
+    assert migrated["policies"] == []
 
 
 def test_downgrade_removes_everything_and_upgrade_restores_it(

@@ -4,8 +4,9 @@ Placeholders are psycopg's `%(name)s`: the listener runs these on its own psycop
 connection, and the workers through SQLAlchemy's `exec_driver_sql`, which hands them
 to psycopg unchanged.
 
-The trigger and function bodies below are installed by migration 0001. Changing one
-needs a new migration that replaces the object; do not edit an applied migration.
+The trigger and function bodies below are installed by migration 0001, row-level
+security and the app's policies by 0002. Changing one needs a new migration that
+replaces the object; do not edit an applied migration.
 """
 
 from __future__ import annotations
@@ -59,6 +60,33 @@ BEFORE UPDATE ON observations
 FOR EACH ROW EXECUTE FUNCTION hyacinth_touch_updated_at()
 """
 
+# --- Row-level security (installed by migrations/versions/0002_row_security.py) ---
+
+# Supabase serves every table of the public schema to anyone holding the anon key,
+# which ships inside the app. With row-level security on, the API roles see only
+# what a policy grants; the listener and workers connect as the table's owner, to
+# whom policies do not apply.
+ROW_SECURITY = "ALTER TABLE observations ENABLE ROW LEVEL SECURITY"
+
+# Signed-in observers insert their own rows, as new work, and read their own
+# results; nothing else. Only where Supabase's `authenticated` role and auth.uid()
+# exist: a plain PostgreSQL gets row-level security without policies.
+APP_POLICIES = """
+DO $$
+BEGIN
+    IF to_regrole('authenticated') IS NOT NULL
+        AND to_regprocedure('auth.uid()') IS NOT NULL THEN
+        CREATE POLICY observations_insert_own ON observations
+            FOR INSERT TO authenticated
+            WITH CHECK (user_id = (SELECT auth.uid()) AND status = 'pending');
+        CREATE POLICY observations_select_own ON observations
+            FOR SELECT TO authenticated
+            USING (user_id = (SELECT auth.uid()));
+    END IF;
+END;
+$$
+"""
+
 #: In order, after the table exists.
 SCHEMA_OBJECTS_CREATE = (
     NOTIFY_FUNCTION,
@@ -66,15 +94,8 @@ SCHEMA_OBJECTS_CREATE = (
     NOTIFY_ON_PENDING_TRIGGER,
     TOUCH_FUNCTION,
     TOUCH_TRIGGER,
-)
-
-#: In order, before the table is dropped.
-SCHEMA_OBJECTS_DROP = (
-    "DROP TRIGGER IF EXISTS observations_touch_updated_at ON observations",
-    "DROP TRIGGER IF EXISTS observations_notify_pending ON observations",
-    "DROP TRIGGER IF EXISTS observations_notify_insert ON observations",
-    "DROP FUNCTION IF EXISTS hyacinth_touch_updated_at()",
-    "DROP FUNCTION IF EXISTS hyacinth_notify_observation()",
+    ROW_SECURITY,
+    APP_POLICIES,
 )
 
 # --- Listener ---
