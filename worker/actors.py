@@ -14,7 +14,7 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage, MiddlewareError
 
 from worker.config import OBSERVATIONS_QUEUE, Settings
-from worker.logs import RedactSecrets, check_log_level
+from worker.logs import check_log_level, install_filters
 from worker.pipeline import ObservationProcessor, RetryLater
 from worker.queue import ACTOR_NAME, open_broker
 
@@ -74,10 +74,9 @@ class LoadModels(dramatiq.Middleware):
 
 
 def _install_log_filter() -> None:
-    """Keep secrets out of the lines Dramatiq's logging setup writes."""
-    redact = RedactSecrets([settings.supabase_service_role_key])
+    """Tag and redact the lines Dramatiq's logging setup writes."""
     for handler in logging.getLogger().handlers:
-        handler.addFilter(redact)
+        install_filters(handler, [settings.supabase_service_role_key])
     logging.getLogger("worker").setLevel(check_log_level(settings.log_level))
     for noisy in ("httpx", "httpcore", "hpack", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,10 +1,13 @@
-"""Logging setup and the rule that keeps secrets out of log lines."""
+"""Logging setup: secrets kept out of log lines, the observation id put in them."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 from worker.errors import ConfigError
 
@@ -37,6 +40,43 @@ class RedactSecrets(logging.Filter):
 _TRACEBACKS = logging.Formatter()
 
 
+_OBSERVATION_ID: ContextVar[str | None] = ContextVar("observation_id", default=None)
+
+
+@contextmanager
+def observation_context(observation_id: str) -> Iterator[None]:
+    """Records logged inside, by any module, name `observation_id`."""
+    token = _OBSERVATION_ID.set(observation_id)
+    try:
+        yield
+    finally:
+        _OBSERVATION_ID.reset(token)
+
+
+class TagObservation(logging.Filter):
+    """Appends `observation_id=` to records made inside an observation_context.
+
+    Storage retries, model loads and library warnings then say which observation
+    they happened for; records that already name the id are left as they are.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Add the id of the observation being processed, if any and if missing."""
+        observation_id = _OBSERVATION_ID.get()
+        if observation_id is None:
+            return True
+        message = record.getMessage()
+        if "observation_id=" not in message:
+            record.msg, record.args = f"{message} observation_id={observation_id}", None
+        return True
+
+
+def install_filters(handler: logging.Handler, secrets: list[str]) -> None:
+    """Give `handler` the observation tag and then the secret redaction."""
+    handler.addFilter(TagObservation())
+    handler.addFilter(RedactSecrets(secrets))
+
+
 def redact(text: str, secrets: list[str]) -> str:
     """`text` with every secret replaced by `[redacted]`."""
     for secret in secrets:
@@ -58,7 +98,7 @@ def configure_logging(level: str = "INFO") -> None:
     """One line per record on stderr, with secrets redacted."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(_FORMAT))
-    handler.addFilter(RedactSecrets([os.environ.get("SUPABASE_SERVICE_ROLE_KEY", "")]))
+    install_filters(handler, [os.environ.get("SUPABASE_SERVICE_ROLE_KEY", "")])
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(check_log_level(level))

@@ -31,7 +31,7 @@ from worker.errors import (
     StoragePathError,
 )
 from worker.inference import Prediction
-from worker.logs import redact
+from worker.logs import observation_context, redact
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,10 @@ class ObservationProcessor:
             )
             return SKIPPED
 
+        with observation_context(observation_id):
+            return self._process_valid(observation_id, retries)
+
+    def _process_valid(self, observation_id: str, retries: int) -> str:
         started_s = time.perf_counter()
         claim = self._claim(observation_id)
         timings_ms = {"row_update": _ms_since(started_s)}
