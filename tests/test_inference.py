@@ -186,15 +186,14 @@ def test_a_score_equal_to_the_threshold_counts_as_present(
 def test_a_score_just_under_the_threshold_is_absent(
     published_models: PublishedModels, tmp_path: Path
 ) -> None:
+    # The smallest float64 step: both models must compare in full precision, or
+    # the threshold rounded to float32 would equal the score.
     above = math.nextafter(PRESENT_SCORE, 1.0)
-    # float32 pixels compare with the threshold rounded to float32, so the
-    # segmentation threshold has to be a whole float32 step above.
-    above_float32 = float(np.nextafter(np.float32(PRESENT_SCORE), np.float32(1)))
     publish_thresholds(
         published_models,
         tmp_path / "storage",
         presence_threshold=above,
-        segmentation_threshold=above_float32,
+        segmentation_threshold=above,
     )
     settings = published_models.settings(local_storage_dir=str(tmp_path / "storage"))
     predictor = get_predictor(settings)

@@ -159,6 +159,30 @@ def test_16_bit_grey_is_scaled_not_clipped() -> None:
     ]
 
 
+def test_rgb_with_a_transparent_colour_key_is_laid_on_white() -> None:
+    image = Image.new("RGB", (20, 20), (10, 20, 30))
+    image.paste((0, 128, 0), (10, 0, 20, 20))
+
+    decoded = decode(encode(image, "PNG", transparency=(10, 20, 30)))
+
+    assert decoded.getpixel((2, 2)) == (255, 255, 255)
+    assert decoded.getpixel((15, 2)) == (0, 128, 0)
+
+
+def test_16_bit_grey_with_a_transparent_level_hides_only_that_level() -> None:
+    # 1000 and 1001 both scale to 3: only the keyed level may turn white.
+    levels = np.array([[1000, 1001, 40000]], dtype=np.uint16)
+    photo = encode(Image.fromarray(levels), "PNG", transparency=1000)
+
+    decoded = decode(photo)
+
+    assert [decoded.getpixel((x, 0)) for x in range(3)] == [
+        (255, 255, 255),
+        (3, 3, 3),
+        (156, 156, 156),
+    ]
+
+
 def test_grey_and_bilevel_become_rgb() -> None:
     grey = Image.new("L", (10, 10), 77)
     bilevel = Image.new("1", (10, 10), 1)

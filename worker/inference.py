@@ -225,7 +225,10 @@ class Predictor:
 
     def _mask_at_input_size(self, batch: torch.Tensor) -> np.ndarray:
         logits = self._segmentation.forward(batch)
-        plant = torch.sigmoid(logits[0, 0]) >= self._segmentation.meta.cut_off
+        # In float64, as presence compares its score: a float32 comparison would cast
+        # the threshold down and count a probability just below it as plant.
+        probability = torch.sigmoid(logits[0, 0]).double()
+        plant = probability >= self._segmentation.meta.cut_off
         mask: np.ndarray = plant.cpu().numpy()
         return mask
 

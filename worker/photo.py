@@ -111,24 +111,35 @@ def decode_photo(
 def to_rgb(image: Image.Image) -> Image.Image:
     """`image` in RGB: transparency laid on white, 16-bit scaled down to 8-bit."""
     mode = image.mode
-    if mode == "RGB":
+    transparency = image.info.get("transparency")
+    if mode == "RGB" and transparency is None:
         return image
 
     if mode.startswith("I"):
         # 16-bit grey (I;16, I;16B, or I holding 0..65535): keep the top 8 bits,
         # so the full range maps onto 0..255 instead of clipping at 255.
         levels = np.asarray(image).astype(np.int64).clip(0, 65535)
-        grey = Image.fromarray((levels >> 8).astype(np.uint8), "L")
-        return grey.convert("RGB")
+        grey = Image.fromarray((levels >> 8).astype(np.uint8), "L").convert("RGB")
+        if not isinstance(transparency, int):
+            return grey
+        # A PNG tRNS key names one 16-bit level, which the shift would merge with
+        # its neighbours: find its pixels before it.
+        opaque = np.where(levels == transparency, 0, 255).astype(np.uint8)
+        return _on_background(grey, Image.fromarray(opaque, "L"))
 
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or transparency is not None:
         rgba = image.convert("RGBA")
-        background = Image.new("RGB", image.size, BACKGROUND_RGB)
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
+        return _on_background(rgba, rgba.getchannel("A"))
 
     # P, L, 1, CMYK and YCbCr all have a direct conversion.
     return image.convert("RGB")
+
+
+def _on_background(image: Image.Image, alpha: Image.Image) -> Image.Image:
+    """`image` laid on the white background through `alpha`, in RGB."""
+    background = Image.new("RGB", image.size, BACKGROUND_RGB)
+    background.paste(image, mask=alpha)
+    return background
 
 
 def _orientation(image: Image.Image) -> int:
