@@ -15,7 +15,8 @@ from tests.observations import fetch_rows, insert_observation, new_user_id
 from tests.plugins.models import PublishedModels, make_photo
 from tests.plugins.services import wait_for
 from tests.supabase_fake import FakeSupabaseStorage
-from worker.db import make_engine
+from worker import queries
+from worker.db import make_engine, psycopg_conninfo
 from worker.errors import MissingObjectError, PhotoError, StorageError
 from worker.inference import get_predictor
 from worker.pipeline import (
@@ -108,6 +109,53 @@ def test_worker_that_lost_its_row_cannot_overwrite_the_result(
     assert outcome == [LEASE_LOST]
     assert fetch_rows(db, [observation_id])[observation_id] == after_successor
     assert (after_successor["status"], after_successor["attempts"]) == ("done", 2)
+
+
+def test_message_that_arrives_before_the_listeners_commit_waits_for_it(
+    published_models: PublishedModels,
+    supabase_storage_server: FakeSupabaseStorage,
+    engine: Engine,
+    database_url: str,
+    db: psycopg.Connection[Any],
+) -> None:
+    user_id = new_user_id()
+    path = f"{user_id}/early.jpg"
+    photo_file = supabase_storage_server.root / "photos" / path
+    photo_file.parent.mkdir(parents=True)
+    photo_file.write_bytes(make_photo(64, 64))
+    observation_id = insert_observation(db, user_id, "photos", path)
+    processor = processor_on_supabase(published_models, supabase_storage_server, engine)
+    outcome: list[str] = []
+
+    # The listener has claimed the row and pushed its message, not yet committed.
+    with psycopg.connect(psycopg_conninfo(database_url)) as listener:
+        claimed = listener.execute(queries.CLAIM_PENDING, {"limit": 10}).fetchall()
+        worker = threading.Thread(
+            target=lambda: outcome.append(processor.process(observation_id)),
+            daemon=True,
+        )
+        worker.start()
+        wait_for(
+            lambda: not worker.is_alive() or waiting_on_a_lock(db),
+            timeout_s=20,
+            what="the worker to finish or to wait for the listener's row lock",
+        )
+        listener.commit()
+    worker.join(timeout=30)
+
+    assert [str(row[0]) for row in claimed] == [observation_id]
+    assert outcome == [DONE]
+    row = fetch_rows(db, [observation_id])[observation_id]
+    assert (row["status"], row["attempts"]) == ("done", 1)
+
+
+def waiting_on_a_lock(db: psycopg.Connection[Any]) -> bool:
+    """Whether another session of this database waits for a row lock."""
+    row = db.execute(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    ).fetchone()
+    return row is not None and row[0] > 0
 
 
 def test_message_that_is_not_an_id_is_skipped(

@@ -243,7 +243,7 @@ class Listener:
         while True:
             # Enqueue inside the transaction: if Redis fails, the claim rolls back
             # and the rows stay pending; a worker that gets a message before the
-            # commit waits on the row lock, then sees `queued`.
+            # commit waits on the row lock (see queries.CLAIM_OBSERVATION).
             with connection.transaction():
                 rows = connection.execute(
                     queries.CLAIM_PENDING, {"limit": batch}

@@ -170,12 +170,18 @@ RETURNING id, lost_leases
 
 # --- Worker (every write after the claim is fenced by the attempts it returned) ---
 
+# `pending` is there for the message that reaches a worker before the listener's
+# claim commits. The worker's snapshot still shows the row pending; a condition on
+# `queued` alone would not match it, and the UPDATE would return at once, skipping
+# the row for good. Matching `pending` makes it wait for the listener's row lock and
+# then check the committed row again: `queued`, so it claims it. A pending row no
+# listener holds is claimed too, which is what its message asks.
 CLAIM_OBSERVATION = """
 UPDATE observations
 SET status = 'processing', attempts = attempts + 1, started_at = now(),
     heartbeat_at = now(), error = NULL
 WHERE id = %(id)s
-  AND (status = 'queued'
+  AND (status IN ('pending', 'queued')
        OR (status = 'processing'
            AND heartbeat_at < now() - make_interval(secs => %(lease_s)s)))
 RETURNING attempts, user_id, bucket, path
