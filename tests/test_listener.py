@@ -404,15 +404,24 @@ def test_hyacinth_listen_exit_statuses(
         "LISTENER_GIVE_UP_S": "1",
     }
 
+    unreadable = {
+        **service_env,
+        "DATABASE_URL": "postgresql://postgres:not encoded secret@127.0.0.1/postgres",
+    }
+
     refused = processes.hyacinth(["listen"], pooler, name="pooler")
     gave_up = processes.hyacinth(["listen"], no_database, name="no-database")
+    misread = processes.hyacinth(["listen"], unreadable, name="unreadable")
 
     assert refused.wait(timeout=60) == 2
     assert gave_up.wait(timeout=60) == 1
+    assert misread.wait(timeout=60) == 2
     output = processes.output()
     assert "session-mode pooler" in output
     assert ":pw@" not in output
     assert "listener.gave_up" in output
+    assert "DATABASE_URL cannot be read" in output
+    assert "not encoded secret" not in output
 
 
 def test_payload_parsing() -> None:

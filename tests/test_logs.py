@@ -9,7 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from worker.logs import install_filters, observation_context
+from worker.config import Settings
+from worker.logs import install_filters, observation_context, secrets_of
 
 KEY = "service-role-key-0123456789"
 
@@ -88,3 +89,16 @@ def test_the_key_is_redacted_from_messages_and_tracebacks(lines: io.StringIO) ->
     assert KEY not in text
     assert "storage.failed key=[redacted] observation_id=o1" in text
     assert "apikey=[redacted] refused" in text
+
+
+def test_secrets_are_the_key_and_the_url_passwords_in_both_spellings() -> None:
+    settings = Settings(
+        database_url="postgresql://postgres:p%40ss-word-1@db.example.com/postgres",
+        redis_url="rediss://default:redis-password-2@cache.example.com:6380/0",
+        supabase_service_role_key=KEY,
+    )
+
+    secrets = secrets_of(settings)
+
+    assert set(secrets) == {KEY, "p%40ss-word-1", "p@ss-word-1", "redis-password-2"}
+    assert secrets_of(Settings(database_url="postgresql://u:short@h/db")) == []

@@ -233,6 +233,23 @@ def test_database_url_of_another_kind_is_refused_without_its_password() -> None:
     assert "hunter22" not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgres://postgres:hunter2 secret@db.example.com/postgres",
+        "postgresql://postgres:50%off-secret@db.example.com/postgres",
+    ],
+)
+def test_database_url_libpq_cannot_read_is_refused_without_its_password(
+    url: str,
+) -> None:
+    with pytest.raises(ConfigError, match="percent-encode") as caught:
+        psycopg_conninfo(url)
+
+    assert "secret" not in str(caught.value)
+    assert caught.value.__context__ is None
+
+
 def test_redacted_url_and_port() -> None:
     url = "postgres://postgres.ref:s3cret@aws-0-eu.pooler.supabase.com:6543/postgres"
 

@@ -14,7 +14,7 @@ import dramatiq
 from dramatiq.middleware import CurrentMessage, MiddlewareError
 
 from worker.config import OBSERVATIONS_QUEUE, Settings
-from worker.logs import check_log_level, install_filters
+from worker.logs import check_log_level, install_filters, secrets_of
 from worker.pipeline import ObservationProcessor, RetryLater
 from worker.queue import ACTOR_NAME, open_broker
 
@@ -76,7 +76,7 @@ class LoadModels(dramatiq.Middleware):
 def _install_log_filter() -> None:
     """Tag and redact the lines Dramatiq's logging setup writes."""
     for handler in logging.getLogger().handlers:
-        install_filters(handler, [settings.supabase_service_role_key])
+        install_filters(handler, secrets_of(settings))
     logging.getLogger("worker").setLevel(check_log_level(settings.log_level))
     for noisy in ("httpx", "httpcore", "hpack", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         settings = Settings.from_env()
-        configure_logging(settings.log_level)
+        configure_logging(settings)
         status: int = args.run(args, settings)
     except HyacinthError as error:
         print(f"hyacinth {args.command}: {error}", file=sys.stderr)

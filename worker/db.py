@@ -7,6 +7,8 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from sqlalchemy import (
     CheckConstraint,
     DateTime,
@@ -137,7 +139,29 @@ def _split(database_url: str) -> tuple[str, str]:
             f"{scheme.lower() + '://' if separator else 'something else'}: use the "
             "connection string from the database provider"
         )
+    _check_parses(rest)
     return normalized, rest
+
+
+def _check_parses(rest: str) -> None:
+    """Refuse a URL libpq cannot read, without quoting the password it holds."""
+    try:
+        conninfo_to_dict(f"postgresql://{rest}")
+        return
+    except psycopg.ProgrammingError as error:
+        reason = " ".join(str(error).split())
+
+    # Raised out here, so that the error quoting the password is not its context.
+    try:
+        password = urlsplit(f"postgresql://{rest}").password
+    except ValueError:
+        password = None
+    if password:
+        reason = reason.replace(password, "***")
+    raise ConfigError(
+        f"DATABASE_URL cannot be read ({reason}): percent-encode spaces and "
+        "the characters @ : / % # ? in the user name and password"
+    )
 
 
 def psycopg_conninfo(database_url: str) -> str:

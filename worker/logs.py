@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from urllib.parse import unquote, urlsplit
 
+from worker.config import Settings
 from worker.errors import ConfigError
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
@@ -17,7 +18,7 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
 class RedactSecrets(logging.Filter):
     """Replaces the service role key wherever it would appear in a record."""
 
-    def __init__(self, secrets: list[str]) -> None:
+    def __init__(self, secrets: Sequence[str]) -> None:
         super().__init__()
         self._secrets = [secret for secret in secrets if len(secret) >= 8]
 
@@ -71,13 +72,33 @@ class TagObservation(logging.Filter):
         return True
 
 
-def install_filters(handler: logging.Handler, secrets: list[str]) -> None:
+def install_filters(handler: logging.Handler, secrets: Sequence[str]) -> None:
     """Give `handler` the observation tag and then the secret redaction."""
     handler.addFilter(TagObservation())
     handler.addFilter(RedactSecrets(secrets))
 
 
-def redact(text: str, secrets: list[str]) -> str:
+def secrets_of(settings: Settings) -> list[str]:
+    """What must never be written out: the service role key and URL passwords.
+
+    Passwords come as written in the URL and percent-decoded, since libraries
+    quote either form in their errors.
+    """
+    secrets = [settings.supabase_service_role_key]
+    for url in (settings.database_url, settings.redis_url):
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            password = None
+        if password:
+            secrets += [password, unquote(password)]
+    # Short values would blank out ordinary words; the log filter skips them too.
+    # Longest first, so that no part of a longer secret is left after a shorter.
+    kept = {secret for secret in secrets if len(secret) >= 8}
+    return sorted(kept, key=len, reverse=True)
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
     """`text` with every secret replaced by `[redacted]`."""
     for secret in secrets:
         text = text.replace(secret, "[redacted]")
@@ -94,13 +115,13 @@ def check_log_level(level: str) -> str:
     return name
 
 
-def configure_logging(level: str = "INFO") -> None:
-    """One line per record on stderr, with secrets redacted."""
+def configure_logging(settings: Settings) -> None:
+    """One line per record on stderr, at LOG_LEVEL, with secrets redacted."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(_FORMAT))
-    install_filters(handler, [os.environ.get("SUPABASE_SERVICE_ROLE_KEY", "")])
+    install_filters(handler, secrets_of(settings))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(check_log_level(level))
+    root.setLevel(check_log_level(settings.log_level))
     for noisy in ("httpx", "httpcore", "urllib3", "hpack"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -13,7 +13,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import psycopg
 import redis
@@ -31,7 +30,7 @@ from worker.errors import (
     StoragePathError,
 )
 from worker.inference import Prediction
-from worker.logs import observation_context, redact
+from worker.logs import observation_context, redact, secrets_of
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -173,7 +172,7 @@ class ObservationProcessor:
         self.engine = engine
         self.storage = storage
         self.predictor = predictor
-        self._secrets = _secrets_of(settings)
+        self._secrets = secrets_of(settings)
 
     def process(self, observation_id: str, *, retries: int = 0) -> str:
         """Process one observation; `retries` is how many tries failed before.
@@ -369,16 +368,6 @@ class ObservationProcessor:
 
     def _clean(self, text: str) -> str:
         return redact(text, self._secrets)[:MAX_ERROR_CHARS]
-
-
-def _secrets_of(settings: Settings) -> list[str]:
-    secrets = [settings.supabase_service_role_key]
-    if settings.database_url:
-        password = urlsplit(settings.database_url).password
-        if password:
-            secrets.append(password)
-    # Short values would blank out ordinary words; the log filter skips them too.
-    return [secret for secret in secrets if len(secret) >= 8]
 
 
 def _ms_since(start_s: float) -> float:
