@@ -86,7 +86,7 @@ def fetch_rows(
     with db.cursor(row_factory=dict_row) as cursor:
         found = cursor.execute(
             "SELECT id::text AS id, user_id::text AS user_id, status, pred, error, "
-            "attempts, timings_ms, finished_at FROM observations "
+            "attempts, lost_leases, timings_ms, finished_at FROM observations "
             "WHERE id = ANY(%s::uuid[])",
             (ids,),
         ).fetchall()

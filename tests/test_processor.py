@@ -149,6 +149,50 @@ def test_message_that_arrives_before_the_listeners_commit_waits_for_it(
     assert (row["status"], row["attempts"]) == ("done", 1)
 
 
+# Fails the first UPDATE that sets status = 'done' with SQLSTATE 08006, the code
+# libpq reports for a connection lost mid-statement (psycopg's ConnectionFailure).
+# A sequence counts the tries: unlike a table, it is not rolled back with them.
+FAIL_FIRST_FINISH = """
+CREATE SEQUENCE finish_tries;
+CREATE FUNCTION fail_first_finish() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF nextval('finish_tries') = 1 THEN
+        RAISE EXCEPTION 'connection lost' USING ERRCODE = '08006';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+CREATE TRIGGER fail_first_finish BEFORE UPDATE ON observations
+FOR EACH ROW WHEN (NEW.status = 'done') EXECUTE FUNCTION fail_first_finish();
+"""
+
+
+def test_a_final_write_that_loses_its_connection_is_tried_again(
+    published_models: PublishedModels,
+    supabase_storage_server: FakeSupabaseStorage,
+    engine: Engine,
+    db: psycopg.Connection[Any],
+) -> None:
+    user_id = new_user_id()
+    path = f"{user_id}/blip.jpg"
+    photo_file = supabase_storage_server.root / "photos" / path
+    photo_file.parent.mkdir(parents=True)
+    photo_file.write_bytes(make_photo(64, 64))
+    observation_id = insert_observation(db, user_id, "photos", path)
+    db.execute(
+        "UPDATE observations SET status = 'queued' WHERE id = %s", (observation_id,)
+    )
+    db.execute(FAIL_FIRST_FINISH)
+    processor = processor_on_supabase(published_models, supabase_storage_server, engine)
+
+    outcome = processor.process(observation_id)
+
+    row = fetch_rows(db, [observation_id])[observation_id]
+    assert outcome == DONE
+    assert (row["status"], row["attempts"], row["lost_leases"]) == ("done", 1, 0)
+    assert db.execute("SELECT last_value FROM finish_tries").fetchone() == (2,)
+
+
 def waiting_on_a_lock(db: psycopg.Connection[Any]) -> bool:
     """Whether another session of this database waits for a row lock."""
     row = db.execute(

@@ -11,8 +11,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 import redis
@@ -37,6 +38,13 @@ log = logging.getLogger(__name__)
 
 #: Longest error text written on a row.
 MAX_ERROR_CHARS = 500
+
+#: Pauses before each new try of a claim or a write that lost its connection. A
+#: dropped connection or a failover of a few seconds is ridden out here; a longer
+#: outage ends the try, and the message is retried or the lease sweep takes over.
+DATABASE_RETRY_DELAYS_S = (0.2, 1.0, 3.0)
+
+_T = TypeVar("_T")
 
 #: The stages of one observation, in order, as `timings_ms` names them.
 STAGES = (
@@ -235,10 +243,14 @@ class ObservationProcessor:
 
     def _claim(self, observation_id: str) -> Claim | None:
         params = {"id": observation_id, "lease_s": self.settings.lease_s}
-        with self.engine.begin() as connection:
-            row = connection.exec_driver_sql(
-                queries.CLAIM_OBSERVATION, params
-            ).fetchone()
+
+        def claim() -> Any:
+            with self.engine.begin() as connection:
+                return connection.exec_driver_sql(
+                    queries.CLAIM_OBSERVATION, params
+                ).fetchone()
+
+        row = _retrying_database(claim, step="claim")
         if row is None:
             return None
         token, user_id, bucket, path = row
@@ -362,12 +374,40 @@ class ObservationProcessor:
     def _write(self, query: str, claim: Claim, **params: Any) -> bool:
         """Run a fenced write; False when the row is no longer this worker's."""
         params.update(id=claim.observation_id, token=claim.token)
-        with self.engine.begin() as connection:
-            result = connection.exec_driver_sql(query, params)
-        return result.rowcount == 1
+
+        def write() -> int:
+            with self.engine.begin() as connection:
+                return connection.exec_driver_sql(query, params).rowcount
+
+        return _retrying_database(write, step=query.split()[0].lower()) == 1
 
     def _clean(self, text: str) -> str:
         return redact(text, self._secrets)[:MAX_ERROR_CHARS]
+
+
+def _retrying_database(action: Callable[[], _T], *, step: str) -> _T:
+    """`action`, tried again after DATABASE_RETRY_DELAYS_S when the database drops.
+
+    Without this, a final write lost to a dropped connection would leave the row
+    `processing` under a fresh heartbeat: the retried message would find it held
+    and skip it, and only the lease sweep would bring it back, counted as a worker
+    that died. A write whose commit landed before the connection dropped finds the
+    row no longer `processing` on its next try and reports the lease lost.
+    """
+    for delay_s in DATABASE_RETRY_DELAYS_S:
+        try:
+            return action()
+        except SQLAlchemyError as error:
+            if not is_transient(error):
+                raise
+            log.info(
+                "observation.database_retry step=%s retry_in_s=%.1f error=%s",
+                step,
+                delay_s,
+                " ".join(str(error).split())[:200],
+            )
+        time.sleep(delay_s)
+    return action()
 
 
 def _ms_since(start_s: float) -> float:
