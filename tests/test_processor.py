@@ -9,6 +9,8 @@ from typing import Any
 
 import psycopg
 import pytest
+from dramatiq.middleware import TimeLimitExceeded
+from dramatiq.threading import Interrupt, raise_thread_exception
 from sqlalchemy import Engine
 
 from tests.observations import fetch_rows, insert_observation, new_user_id
@@ -191,6 +193,60 @@ def test_a_final_write_that_loses_its_connection_is_tried_again(
     assert outcome == DONE
     assert (row["status"], row["attempts"], row["lost_leases"]) == ("done", 1, 0)
     assert db.execute("SELECT last_value FROM finish_tries").fetchone() == (2,)
+
+
+@pytest.mark.parametrize(
+    ("interrupt", "status", "error"),
+    [
+        (TimeLimitExceeded, "failed", "took longer than the worker's time limit"),
+        (Interrupt, "queued", "interrupted"),
+    ],
+)
+def test_an_interrupted_photo_does_not_wait_for_its_lease(
+    published_models: PublishedModels,
+    supabase_storage_server: FakeSupabaseStorage,
+    engine: Engine,
+    db: psycopg.Connection[Any],
+    interrupt: type[BaseException],
+    status: str,
+    error: str,
+) -> None:
+    user_id = new_user_id()
+    path = f"{user_id}/slow.jpg"
+    photo_file = supabase_storage_server.root / "photos" / path
+    photo_file.parent.mkdir(parents=True)
+    photo_file.write_bytes(make_photo(64, 64))
+    observation_id = insert_observation(db, user_id, "photos", path)
+    db.execute(
+        "UPDATE observations SET status = 'queued' WHERE id = %s", (observation_id,)
+    )
+    supabase_storage_server.stall_next(1, 2.0, match=path)
+    processor = processor_on_supabase(published_models, supabase_storage_server, engine)
+    raised: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            processor.process(observation_id)
+        except BaseException as caught:
+            raised.append(caught)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    wait_for(
+        lambda: (
+            fetch_rows(db, [observation_id])[observation_id]["status"] == "processing"
+        ),
+        timeout_s=20,
+        what="the worker to claim the row",
+    )
+    # What Dramatiq's TimeLimit middleware does to a thread past its limit.
+    assert thread.ident is not None
+    raise_thread_exception(thread.ident, interrupt)
+    thread.join(timeout=30)
+
+    row = fetch_rows(db, [observation_id])[observation_id]
+    assert [type(caught) for caught in raised] == [interrupt]
+    assert (row["status"], row["error"], row["attempts"]) == (status, error, 1)
 
 
 def waiting_on_a_lock(db: psycopg.Connection[Any]) -> bool:

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 
 import psycopg
 import redis
+from dramatiq.middleware import TimeLimitExceeded
 from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
@@ -238,6 +239,23 @@ class ObservationProcessor:
                 pred = self._predict(claim, timings_ms)
         except Exception as error:
             return self._fail_or_retry(claim, error, retries, timings_ms)
+        except TimeLimitExceeded:
+            # Dramatiq interrupts a message past its time limit (10 minutes by
+            # default), some hundred times a photo's usual time: a photo that
+            # slow fails rather than taking a worker thread down again on retry.
+            reason = "took longer than the worker's time limit"
+            log.warning(
+                "observation.failed observation_id=%s error=%s",
+                claim.observation_id,
+                reason,
+            )
+            self._write_failed(claim, reason, timings_ms)
+            raise
+        except BaseException:
+            # Another interrupt stops this thread: the row goes back on the queue now
+            # rather than waiting for its lease to run out.
+            self._write(queries.REQUEUE, claim, error="interrupted")
+            raise
 
         return self._finish(claim, pred, timings_ms, started_s)
 
@@ -363,13 +381,18 @@ class ObservationProcessor:
                 reason,
             )
 
+        self._write_failed(claim, reason, timings_ms)
+        return FAILED
+
+    def _write_failed(
+        self, claim: Claim, reason: str, timings_ms: dict[str, float]
+    ) -> None:
         self._write(
             queries.FINISH_FAILED,
             claim,
             error=reason,
             timings_ms=Jsonb(_rounded(timings_ms)),
         )
-        return FAILED
 
     def _write(self, query: str, claim: Claim, **params: Any) -> bool:
         """Run a fenced write; False when the row is no longer this worker's."""
