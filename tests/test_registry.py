@@ -347,6 +347,27 @@ def test_publish_refuses_an_existing_version_unless_forced(
     assert fields["exported_at"]
 
 
+def test_publish_after_a_cut_off_publish_keeps_or_refuses_its_weights(
+    storage: LocalStorage, present_weights: Path, tmp_path: Path
+) -> None:
+    # Weights uploaded, meta never: what a publish cut off halfway leaves.
+    weights_key = "presence/1.0.0/presence_mobilenetv2.pt"
+    other = save_weights(
+        constant_state_dict(PRESENCE_ARCHITECTURE, "presence", -1.0),
+        tmp_path / "other.pt",
+    )
+    storage.upload("models", weights_key, other.read_bytes(), content_type="x")
+
+    with pytest.raises(ModelError, match="unfinished or concurrent publish"):
+        publish_presence(storage, "1.0.0", present_weights)
+    refused_meta = storage.exists("models", "presence/1.0.0/model_meta.json")
+    publish_presence(storage, "1.0.0", other)
+
+    fields = json.loads(meta_file(storage, "presence", "1.0.0").read_text())
+    assert not refused_meta
+    assert fields["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+
+
 class RecordingStorage(LocalStorage):
     """A real local storage that also notes the order of its uploads."""
 

@@ -94,14 +94,25 @@ def publish(
     check_forward(model.eval(), meta, where)
 
     # Weights first, meta last: until the meta lands the version is not loadable.
-    # Weights left by an earlier, unfinished publish are simply replaced.
-    storage.upload(
-        bucket,
-        f"{model_folder(task, version)}/{meta.weights_filename}",
-        data,
-        content_type="application/octet-stream",
-        upsert=True,
-    )
+    weights_key = f"{model_folder(task, version)}/{meta.weights_filename}"
+    try:
+        storage.upload(
+            bucket,
+            weights_key,
+            data,
+            content_type="application/octet-stream",
+            upsert=force,
+        )
+    except ObjectExistsError:
+        # Left by a publish that was cut off, or one running now: the same bytes
+        # can stay, but others would pair that publish's meta with these weights.
+        found = hashlib.sha256(storage.download(bucket, weights_key)).hexdigest()
+        if found != meta.sha256:
+            raise ModelError(
+                f"other weights already lie at {bucket}/{weights_key} (sha256 "
+                f"{found}), from an unfinished or concurrent publish of {task} "
+                f"{version}: pass --force to replace them"
+            ) from None
     try:
         storage.upload(
             bucket,
