@@ -14,8 +14,10 @@ from PIL import Image
 from tests.plugins.models import PublishedModels, make_photo
 from tests.supabase_fake import FakeSupabaseStorage
 from worker.cli import main
+from worker.config import Settings
 from worker.inference import forget_predictors
 from worker.registry import forget_loaded_models
+from worker.storage import open_storage
 
 _SETTINGS_VARIABLES = (
     "SUPABASE_URL",
@@ -197,6 +199,42 @@ def test_list_shows_latest_and_a_missing_configured_version(
     assert [line.split()[0] for line in presence_lines if line.endswith("*")] == [
         "2.0.0"
     ]
+
+
+def test_list_fails_when_the_configured_version_cannot_load(
+    capsys: pytest.CaptureFixture[str],
+    published_models: PublishedModels,
+    backend: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    publish_both(capsys, published_models)
+    status, _, err = hyacinth(
+        capsys,
+        "models",
+        "publish",
+        "segmentation",
+        "1.0.2",
+        str(published_models.weights_dir / "segmentation_plant.pt"),
+        "--architecture",
+        "unet_resnet34",
+    )
+    assert status == 0, err
+    settings = Settings.from_env()
+    storage = open_storage(settings)
+    meta_key = "segmentation/1.0.2/model_meta.json"
+    if backend == "local":
+        # A publish cut off before its meta.
+        (Path(settings.local_storage_dir) / settings.models_bucket / meta_key).unlink()
+    else:
+        storage.upload(
+            settings.models_bucket, meta_key, b"{", content_type="x", upsert=True
+        )
+    monkeypatch.setenv("SEGMENTATION_MODEL_VERSION", "1.0.2")
+
+    status, listing, _ = hyacinth(capsys, "models", "list")
+
+    assert status == 1
+    assert "configured version 1.0.2 cannot be loaded" in listing
 
 
 def test_predict_prints_a_line_per_photo_and_goes_on_after_a_bad_one(

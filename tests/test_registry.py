@@ -482,6 +482,17 @@ def test_device_comes_from_torch_device_or_is_chosen() -> None:
 
     with pytest.raises(ConfigError, match="TORCH_DEVICE"):
         resolve_device(Settings(torch_device="abacus"))
+    with pytest.raises(ConfigError, match="meta device"):
+        resolve_device(Settings(torch_device="meta"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_device_number_past_the_last_is_refused() -> None:
+    count = torch.cuda.device_count()
+
+    assert resolve_device(Settings(torch_device=f"cuda:{count - 1}")).type == "cuda"
+    with pytest.raises(ConfigError, match=f"has {count} CUDA device"):
+        resolve_device(Settings(torch_device=f"cuda:{count}"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is present here")

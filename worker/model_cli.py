@@ -147,14 +147,19 @@ def run_list(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{task} (configured: {shown})")
 
         versions = list_versions(storage, bucket, task)
+        chosen_loadable = False
         for version in versions:
-            details = _describe_version(storage, bucket, task, version)
+            details, loadable = _describe_version(storage, bucket, task, version)
             marker = "  *" if version == chosen else ""
             print(f"  {version:<10} {details}{marker}")
+            chosen_loadable |= loadable and version == chosen
         if not versions:
             print("  (no versions)")
         if chosen not in versions:
             print(f"  configured version {requested} is not in bucket {bucket}")
+            status = 1
+        elif not chosen_loadable:
+            print(f"  configured version {chosen} cannot be loaded (see above)")
             status = 1
     return status
 
@@ -207,7 +212,15 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
                 mask_path = None
                 if args.masks_dir is not None:
                     mask_path = _mask_file(args.masks_dir, path, used_names)
-                    mask_path.write_bytes(prediction.segmentation.mask_png)
+                    try:
+                        mask_path.write_bytes(prediction.segmentation.mask_png)
+                    except OSError as exc:
+                        line["error"] = (
+                            f"cannot write the mask to {mask_path}: "
+                            f"{exc.strerror or exc}; check --masks-dir"
+                        )
+                        failed += 1
+                        mask_path = None
                 line["seg"] = {
                     "cover_pct": prediction.segmentation.cover_pct,
                     "model_v": prediction.segmentation.model_v,
@@ -218,20 +231,24 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if failed else 0
 
 
-def _describe_version(storage: Storage, bucket: str, task: str, version: str) -> str:
+def _describe_version(
+    storage: Storage, bucket: str, task: str, version: str
+) -> tuple[str, bool]:
+    """One line about a version, and whether its meta can be loaded."""
     from worker.registry import model_folder, read_meta
 
     if not storage.exists(bucket, f"{model_folder(task, version)}/{META_FILENAME}"):
-        return f"incomplete: no {META_FILENAME}, never loaded"
+        return f"incomplete: no {META_FILENAME}, never loaded", False
     try:
         meta = read_meta(storage, bucket, task, version)
     except HyacinthError as exc:
-        return f"invalid: {exc}"
+        return f"invalid: {exc}", False
     height_px, width_px = meta.input_size
-    return (
+    details = (
         f"{meta.name:<24} {meta.architecture:<14} {height_px}x{width_px}  "
         f"threshold {meta.cut_off}  exported {meta.exported_at or 'unknown'}"
     )
+    return details, True
 
 
 def _verify_photo() -> bytes:

@@ -322,10 +322,21 @@ def resolve_device(settings: Settings) -> torch.device:
             f"TORCH_DEVICE={settings.torch_device!r} is not a torch device: use "
             "cpu, cuda or cuda:N, or unset it to choose automatically"
         ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(
+            f"TORCH_DEVICE={settings.torch_device!r} is a {device.type} device, "
+            "which this worker does not run on: use cpu, cuda or cuda:N"
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             f"TORCH_DEVICE={settings.torch_device!r} but this torch build sees no "
             "CUDA device: install the CUDA build of torch or set TORCH_DEVICE=cpu"
+        )
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(
+            f"TORCH_DEVICE={settings.torch_device!r} but this machine has "
+            f"{torch.cuda.device_count()} CUDA device(s), numbered from 0: pick "
+            "one of them, or set TORCH_DEVICE=cuda"
         )
     return device
 
