@@ -188,17 +188,45 @@ def test_a_damaged_cache_file_is_downloaded_again(
     assert cached.read_bytes() == present_weights.read_bytes()
 
 
-def test_an_older_meta_without_sha256_is_downloaded_and_kept_by_digest(
-    storage: LocalStorage, present_weights: Path, tmp_path: Path
+def test_an_older_meta_without_sha256_is_downloaded_once_per_upload(
+    tmp_path: Path, present_weights: Path
 ) -> None:
+    storage = CountingStorage(tmp_path / "storage")
     publish_presence(storage, "1.0.0", present_weights)
     rewrite_meta(storage, "1.0.0", sha256="", exported_at="")
     cache_dir = tmp_path / "cache"
+    weights_key = "presence/1.0.0/presence_mobilenetv2.pt"
 
     load(storage, "1.0.0", cache_dir)
+    load(storage, "1.0.0", cache_dir)
+    downloads_before_rewrite = storage.downloads.count(weights_key)
+    other = save_weights(
+        constant_state_dict(PRESENCE_ARCHITECTURE, "presence", -1.0),
+        tmp_path / "other.pt",
+    )
+    storage.upload(
+        BUCKET, weights_key, other.read_bytes(), content_type="x", upsert=True
+    )
+    model = load(storage, "1.0.0", cache_dir)
 
     digest = hashlib.sha256(present_weights.read_bytes()).hexdigest()
     assert (cache_dir / f"{digest}.pt").is_file()
+    assert downloads_before_rewrite == 1
+    assert storage.downloads.count(weights_key) == 2
+    with torch.inference_mode():
+        assert model(torch.rand(1, 3, 64, 64)).item() == pytest.approx(-1.0)
+
+
+class CountingStorage(LocalStorage):
+    """A real local storage that also notes every download."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.downloads: list[str] = []
+
+    def download(self, bucket: str, path: str) -> bytes:
+        self.downloads.append(path)
+        return super().download(bucket, path)
 
 
 def test_a_sha256_mismatch_is_refused_with_both_digests(

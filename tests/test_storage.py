@@ -219,6 +219,23 @@ def test_exists(backend: Backend) -> None:
     assert not backend.storage.exists(backend.bucket, "a")
 
 
+def test_fingerprint_changes_when_the_object_is_written_anew(
+    backend: Backend,
+) -> None:
+    storage, bucket = backend.storage, backend.bucket
+    storage.upload(bucket, "m/w.pt", b"first", content_type="x")
+
+    first = storage.fingerprint(bucket, "m/w.pt")
+    again = storage.fingerprint(bucket, "m/w.pt")
+    storage.upload(bucket, "m/w.pt", b"second", content_type="x", upsert=True)
+    rewritten = storage.fingerprint(bucket, "m/w.pt")
+
+    assert first == again
+    assert rewritten != first
+    with pytest.raises(MissingObjectError):
+        storage.fingerprint(bucket, "m/nothing.pt")
+
+
 def test_missing_object_is_a_permanent_error_naming_it(backend: Backend) -> None:
     with pytest.raises(MissingObjectError, match=r"nowhere/photo\.jpg") as caught:
         backend.storage.download(backend.bucket, "nowhere/photo.jpg")

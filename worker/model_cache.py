@@ -2,8 +2,10 @@
 
 Downloaded weights are kept in MODEL_CACHE_DIR under the sha256 of their
 content. When the meta carries a sha256, a cached file with that digest is used
-without asking storage at all; when it does not (older files), the weights are
-downloaded on every process start, hashed, and kept under their digest.
+without asking storage at all. When it does not (older files), storage is asked
+for the object's fingerprint (its etag, size and time of writing), and a small
+index under `sources/` remembers which digest that fingerprint was downloaded as:
+a restarted worker downloads again only when the object was written anew.
 Files are written to a temporary name and renamed, so a half-written file is
 never used, and a cached file is hashed again before each load, so a damaged
 one is downloaded afresh. Temporary files left by a killed process are removed
@@ -16,6 +18,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from worker.storage import Storage
 log = logging.getLogger(__name__)
 
 _PARTIAL_PREFIX = ".partial-"
+_SOURCES_FOLDER = "sources"
+_SHA256_HEX = re.compile("[0-9a-f]{64}")
 _PARTIAL_MAX_AGE_S = 24 * 3600
 
 
@@ -44,10 +49,16 @@ def fetch_weights(
     how error messages name the file.
     """
     suffix = Path(path).suffix
-
+    source_index = None
     if sha256:
-        cached = cache_dir / f"{sha256}{suffix}"
-        if cached.is_file() and _file_sha256(cached) == sha256:
+        expected = sha256
+    else:
+        source_index = _source_index(storage, bucket, path, cache_dir, where)
+        expected = _read_index(source_index)
+
+    if expected:
+        cached = cache_dir / f"{expected}{suffix}"
+        if cached.is_file() and _file_sha256(cached) == expected:
             log.info("model.cache_hit file=%s cached=%s", where, cached)
             return cached
 
@@ -55,10 +66,7 @@ def fetch_weights(
     try:
         data = storage.download(bucket, path)
     except MissingObjectError:
-        raise ModelError(
-            f"{where} not found in {storage.backend} storage, though its "
-            "model_meta.json names it: publish the version again with --force"
-        ) from None
+        raise _missing(storage, where) from None
     digest = hashlib.sha256(data).hexdigest()
     if sha256 and digest != sha256:
         raise ModelError(
@@ -70,6 +78,8 @@ def fetch_weights(
     target = cache_dir / f"{digest}{suffix}"
     if not (target.is_file() and _file_sha256(target) == digest):
         _write_atomic(target, data)
+    if source_index is not None:
+        _write_atomic(source_index, digest.encode())
     log.info(
         "model.downloaded file=%s size_bytes=%d download_ms=%.0f cached=%s",
         where,
@@ -78,6 +88,34 @@ def fetch_weights(
         target,
     )
     return target
+
+
+def _missing(storage: Storage, where: str) -> ModelError:
+    return ModelError(
+        f"{where} not found in {storage.backend} storage, though its "
+        "model_meta.json names it: publish the version again with --force"
+    )
+
+
+def _source_index(
+    storage: Storage, bucket: str, path: str, cache_dir: Path, where: str
+) -> Path:
+    """Where the digest of the object as it is now is noted, once downloaded."""
+    try:
+        fingerprint = storage.fingerprint(bucket, path)
+    except MissingObjectError:
+        raise _missing(storage, where) from None
+    key = hashlib.sha256(fingerprint.encode()).hexdigest()
+    return cache_dir / _SOURCES_FOLDER / key
+
+
+def _read_index(index: Path) -> str:
+    """The digest noted in `index`, or "" when there is none (or a damaged one)."""
+    try:
+        noted = index.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return noted if _SHA256_HEX.fullmatch(noted) else ""
 
 
 def _file_sha256(path: Path) -> str:

@@ -58,6 +58,13 @@ class Storage(Protocol):
         """Whether an object is stored at `path`."""
         ...
 
+    def fingerprint(self, bucket: str, path: str) -> str:
+        """A string that changes whenever the object at `path` is written again.
+
+        Asked without downloading; MissingObjectError when there is no object.
+        """
+        ...
+
 
 def open_storage(settings: Settings) -> Storage:
     """Supabase Storage when SUPABASE_URL is set, else the LOCAL_STORAGE_DIR folder."""
@@ -229,6 +236,23 @@ class LocalStorage:
     def exists(self, bucket: str, path: str) -> bool:
         """Whether a file is stored at `path`."""
         return self._object_file(bucket, path).is_file()
+
+    def fingerprint(self, bucket: str, path: str) -> str:
+        """The file's identity: every upload renames a new file into place."""
+        target = self._object_file(bucket, path)
+        if not target.is_file():
+            raise MissingObjectError(
+                f"no object {path!r} in bucket {bucket!r}: {target} does not exist "
+                "(check LOCAL_STORAGE_DIR and the path)"
+            )
+        try:
+            stat = target.stat()
+        except OSError as exc:
+            raise StorageError(
+                f"cannot read {target}: {exc.strerror or exc}; check the disk and "
+                "the folder's permissions"
+            ) from None
+        return f"local:{target}:{stat.st_ino}:{stat.st_size}:{stat.st_mtime_ns}"
 
     def _bucket_dir(self, bucket: str) -> Path:
         return self.root / check_bucket(bucket)

@@ -54,6 +54,7 @@ class SupabaseStorage:
         retry_backoff_ms: int = 200,
     ) -> None:
         self._key = key
+        self._url = url
         self._retries = retries
         self._retry_backoff_ms = retry_backoff_ms
 
@@ -161,6 +162,16 @@ class SupabaseStorage:
         except MissingObjectError:
             return False
         return True
+
+    def fingerprint(self, bucket: str, path: str) -> str:
+        """The object's etag, size and time of its last write, as Supabase has them."""
+        object_parts(check_bucket(bucket), path)
+        files = self._files.from_(bucket)
+
+        info = self._call("info", bucket, path, lambda: files.info(path))
+        fields = ("version", "etag", "size", "last_modified", "updated_at")
+        described = ":".join(str(info.get(field, "")) for field in fields)
+        return f"supabase:{self._url}:{bucket}/{path}:{described}"
 
     def _call(
         self, action: str, bucket: str, path: str, request: Callable[[], _T]
