@@ -23,7 +23,7 @@ from tests.plugins.models import (
 )
 from worker.architectures import build
 from worker.config import Settings
-from worker.errors import ConfigError, ModelError
+from worker.errors import ConfigError, ModelError, StorageError
 from worker.inference import forget_predictors, get_predictor
 from worker.model_meta import ModelMeta, parse_meta
 from worker.publish import publish
@@ -373,6 +373,47 @@ def test_publish_refuses_an_existing_version_unless_forced(
     fields = json.loads(meta_file(storage, "presence", "1.0.0").read_text())
     assert fields["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
     assert fields["exported_at"]
+
+
+class MetaRefusingStorage(LocalStorage):
+    """A real local storage whose meta uploads fail, as a publish cut off would."""
+
+    def upload(
+        self,
+        bucket: str,
+        path: str,
+        data: bytes,
+        *,
+        content_type: str,
+        upsert: bool = False,
+    ) -> None:
+        if path.endswith("model_meta.json"):
+            raise StorageError("connection reset while uploading the meta")
+        super().upload(bucket, path, data, content_type=content_type, upsert=upsert)
+
+
+def test_a_forced_publish_cut_off_before_its_meta_leaves_the_old_version_whole(
+    storage: LocalStorage, present_weights: Path, tmp_path: Path
+) -> None:
+    publish_presence(storage, "1.0.0", present_weights)
+    other = save_weights(
+        constant_state_dict(PRESENCE_ARCHITECTURE, "presence", -1.0),
+        tmp_path / "other.pt",
+    )
+
+    with pytest.raises(StorageError):
+        publish_presence(MetaRefusingStorage(storage.root), "1.0.0", other, force=True)
+    loaded = load_version(
+        storage, BUCKET, "presence", "1.0.0", cache_dir=tmp_path / "cache", device=CPU
+    )
+    publish_presence(storage, "1.0.0", other, force=True)
+    fields = json.loads(meta_file(storage, "presence", "1.0.0").read_text())
+
+    assert (
+        loaded.meta.sha256 == hashlib.sha256(present_weights.read_bytes()).hexdigest()
+    )
+    assert fields["weights_filename"] != "presence_mobilenetv2.pt"
+    assert storage.exists("models", "presence/1.0.0/presence_mobilenetv2.pt")
 
 
 def test_publish_after_a_cut_off_publish_keeps_or_refuses_its_weights(

@@ -57,19 +57,34 @@ def publish(
             f"cannot read weights file {weights_path}: {exc.strerror or exc}"
         ) from None
 
+    meta_key = f"{model_folder(task, version)}/{META_FILENAME}"
+    replacing = storage.exists(bucket, meta_key)
+    if replacing and not force:
+        raise ModelError(
+            f"{task} {version} is already published ({where}): pass --force to "
+            "replace it, or publish a new version"
+        )
+
+    sha256 = hashlib.sha256(data).hexdigest()
+    # A replacement never overwrites the weights the live meta names: they go up
+    # under a name of their own, so the meta write alone switches the version, and
+    # a publish cut off before it leaves the old version whole.
+    weights_filename = (
+        f"{name}-{sha256[:12]}{suffix}" if replacing else f"{name}{suffix}"
+    )
     fields: dict[str, Any] = {
         "task": task,
         "name": name,
         "version": version,
         "format": "safetensors" if suffix == ".safetensors" else "state_dict",
-        "weights_filename": f"{name}{suffix}",
+        "weights_filename": weights_filename,
         "architecture": architecture,
         "num_classes": 1,
         "input_size": list(input_size or defaults["input_size"]),
         "normalize": _IMAGENET_NORMALIZE,
         "activation": "sigmoid",
         "metrics": {},
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": sha256,
         "exported_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     cut_off = 0.5 if threshold is None else threshold
@@ -79,13 +94,6 @@ def publish(
         fields["logit_threshold"] = cut_off
         fields["postprocess"] = {"min_area_px": min_area_px, "morph": morph}
     meta = parse_meta(json.dumps(fields).encode(), where)
-
-    meta_key = f"{model_folder(task, version)}/{META_FILENAME}"
-    if not force and storage.exists(bucket, meta_key):
-        raise ModelError(
-            f"{task} {version} is already published ({where}): pass --force to "
-            "replace it, or publish a new version"
-        )
 
     # Loading and running the model here refuses weights of the wrong
     # architecture, or an input size it cannot take, before any worker tries.
