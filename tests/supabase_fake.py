@@ -20,9 +20,12 @@ Errors are HTTP 400 with a JSON body such as
 Supabase sends them. Every request must carry `apikey: KEY` and
 `Authorization: Bearer KEY`: a missing header gets 401, a wrong one 403.
 
-One deviation: a bucket comes into being with its first upload, where Supabase
-needs it created beforehand. Objects are plain files under `root/{bucket}/{path}`
-so that tests can look at them; content types are kept in memory.
+A request to a bucket that does not exist gets Supabase's answer for it,
+`{"statusCode": "404", "error": "Bucket not found", ...}`. One deviation: unless the
+server is given its `buckets`, any bucket exists and comes into being with its first
+upload, where Supabase needs it created beforehand. Objects are plain files under
+`root/{bucket}/{path}` so that tests can look at them; content types are kept in
+memory.
 """
 
 from __future__ import annotations
@@ -83,9 +86,12 @@ class _StorageError(Exception):
 class FakeSupabaseStorage:
     """The server: start it, point the supabase client at `.url` with `.key`."""
 
-    def __init__(self, root: Path, key: str) -> None:
+    def __init__(
+        self, root: Path, key: str, *, buckets: set[str] | None = None
+    ) -> None:
         self.root = root
         self.key = key
+        self.buckets = buckets
         self._state = _State()
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
@@ -186,7 +192,12 @@ class FakeSupabaseStorage:
                     return fault
         return None
 
+    def _check_bucket(self, bucket: str) -> None:
+        if self.buckets is not None and bucket not in self.buckets:
+            raise _StorageError("404", "Bucket not found", "Bucket not found")
+
     def _object_file(self, bucket: str, key: str) -> Path:
+        self._check_bucket(bucket)
         parts = key.split("/")
         if not bucket or not key or {".", "..", ""} & set(parts) or "\x00" in key:
             raise _StorageError("400", "InvalidKey", f"Invalid key: {key}")
@@ -246,6 +257,7 @@ class FakeSupabaseStorage:
         }
 
     def _list(self, bucket: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+        self._check_bucket(bucket)
         prefix = str(body.get("prefix") or "").strip("/")
         limit = int(body.get("limit") or 100)
         offset = int(body.get("offset") or 0)

@@ -252,6 +252,24 @@ def test_missing_object_is_asked_for_once(
     assert len(supabase_server.requests("GET", f"{bucket}/gone.jpg")) == 1
 
 
+def test_a_missing_bucket_is_refused_once_and_says_to_create_it(
+    supabase_server: FakeSupabaseStorage,
+    supabase_storage: SupabaseStorage,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(supabase_server, "buckets", {"photos"})
+
+    with pytest.raises(StorageRefusedError, match=f"no bucket '{bucket}'") as read:
+        supabase_storage.download(bucket, "gone.jpg")
+    with pytest.raises(StorageRefusedError, match="STORAGE_BUCKET_MASKS") as write:
+        supabase_storage.upload(bucket, "m.png", b"png", content_type="image/png")
+
+    assert not read.value.transient and not write.value.transient
+    assert "create it" in str(read.value)
+    assert len(supabase_server.requests("GET", f"{bucket}/gone.jpg")) == 1
+
+
 @pytest.mark.parametrize(
     "path",
     [

@@ -238,6 +238,21 @@ class SupabaseStorage:
 
         statuses = _statuses(exc)
         detail = self._clean(f"{exc.code}: {exc.message}")
+        # Supabase answers a missing bucket with statusCode 404 too; only its
+        # `error` text tells it from a missing object.
+        if str(exc.code).lower() == "bucket not found":
+            return StorageRefusedError(
+                f"{where} failed: the project at SUPABASE_URL has no bucket "
+                f"{bucket!r}; create it in the dashboard (Storage), or correct the "
+                "setting or row that names it (MODELS_BUCKET, STORAGE_BUCKET_MASKS, "
+                "an observation's `bucket`)"
+            )
+        if 413 in statuses or str(exc.code).lower() == "payload too large":
+            return StorageRefusedError(
+                f"{where} was refused as too large ({detail}): raise the file size "
+                f"limit of bucket {bucket!r} and the project's upload limit "
+                "(dashboard, Storage settings)"
+            )
         if 404 in statuses or exc.code == "not_found":
             return MissingObjectError(
                 f"no object {path!r} in Supabase bucket {bucket!r} ({detail})"
