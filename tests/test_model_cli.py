@@ -294,3 +294,25 @@ def test_predict_on_an_absent_photo_has_no_seg(
     (line,) = [json.loads(text) for text in out.splitlines()]
     assert line["presence"]["label"] == "absent"
     assert line["seg"] is None
+
+
+def test_predict_refuses_a_masks_dir_it_cannot_write_before_loading_models(
+    capsys: pytest.CaptureFixture[str],
+    published_models: PublishedModels,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    for variable, value in published_models.env.items():
+        monkeypatch.setenv(variable, value)
+    photo = tmp_path / "lake.jpg"
+    photo.write_bytes(make_photo(64, 64))
+    not_a_folder = tmp_path / "masks"
+    not_a_folder.write_text("a file where the folder should be")
+
+    status, out, err = hyacinth(
+        capsys, "predict", str(photo), "--masks-dir", str(not_a_folder)
+    )
+
+    assert status != 0
+    assert out == ""
+    assert "--masks-dir" in err and "Traceback" not in err

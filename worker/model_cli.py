@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from worker.config import Settings
-from worker.errors import HyacinthError, ModelError, PhotoError
+from worker.errors import ConfigError, HyacinthError, ModelError, PhotoError
 from worker.model_meta import META_FILENAME, TASKS
 
 if TYPE_CHECKING:
@@ -192,9 +192,15 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
     """Run both models on each photo; one JSON line each; non-zero if any failed."""
     from worker.inference import get_predictor
 
-    predictor = get_predictor(settings)
     if args.masks_dir is not None:
-        args.masks_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            args.masks_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot use --masks-dir {args.masks_dir}: {exc.strerror or exc}; "
+                "give a folder that can be written"
+            ) from None
+    predictor = get_predictor(settings)
     used_names: set[str] = set()
     failed = 0
 
@@ -204,6 +210,12 @@ def run_predict(args: argparse.Namespace, settings: Settings) -> int:
             prediction = predictor.predict(_read_photo(path))
         except (PhotoError, ModelError) as exc:
             line["error"] = str(exc)
+            failed += 1
+        except Exception as exc:
+            # One photo that breaks the model (out of memory, say) does not stop
+            # the check of the others.
+            log.error("predict.crashed photo=%s", path, exc_info=True)
+            line["error"] = f"unexpected {type(exc).__name__}: {exc}"
             failed += 1
         else:
             line["presence"] = prediction.presence.as_pred()
