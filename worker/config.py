@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packaging.version import InvalidVersion, Version
+
 from worker.errors import ConfigError
 
 #: The Postgres channel the observations trigger notifies; the payload is the row id.
@@ -93,6 +95,16 @@ class Settings:
         ):
             if value <= 0:
                 raise ConfigError(f"{variable} must be above zero, not {value}")
+        for variable, version in (
+            ("PRESENCE_MODEL_VERSION", self.presence_model_version),
+            ("SEGMENTATION_MODEL_VERSION", self.segmentation_model_version),
+        ):
+            if version != "latest" and not _is_version(version):
+                raise ConfigError(
+                    f"{variable}={version!r} is not a version: give one published "
+                    "in the models bucket, such as 1.0.0 (`hyacinth models list`), "
+                    "or latest"
+                )
         if self.heartbeat_s >= self.lease_s:
             raise ConfigError(
                 f"HEARTBEAT_S ({self.heartbeat_s}) must be shorter than LEASE_S "
@@ -138,6 +150,14 @@ ENVIRONMENT_VARIABLES: dict[str, str] = {
     "retry_max_backoff_ms": "RETRY_MAX_BACKOFF_MS",
     "log_level": "LOG_LEVEL",
 }
+
+
+def _is_version(text: str) -> bool:
+    try:
+        Version(text)
+    except InvalidVersion:
+        return False
+    return True
 
 
 def _parse(variable: str, raw: str, kind: type) -> object:
