@@ -165,3 +165,11 @@ def test_to_json_round_trips_and_leaves_out_the_other_task() -> None:
 
     assert "threshold" not in json.loads(text)
     assert parse_meta(text.encode(), WHERE) == meta
+
+
+def test_an_upper_case_digest_is_read_as_the_same_digest() -> None:
+    digest = "ab12" * 16
+
+    meta = parse(changed(PRESENCE_META, sha256=digest.upper()))
+
+    assert meta.sha256 == digest

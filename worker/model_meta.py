@@ -113,6 +113,12 @@ class ModelMeta(_Strict):
     sha256: Annotated[str, Field(pattern=r"^([0-9a-f]{64})?$")]
     exported_at: str
 
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _lower_case_digest(cls, sha256: object) -> object:
+        # A digest pasted from a tool that prints upper case is the same digest.
+        return sha256.strip().lower() if isinstance(sha256, str) else sha256
+
     @field_validator("weights_filename")
     @classmethod
     def _plain_filename(cls, weights_filename: str) -> str:
