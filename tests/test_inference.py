@@ -126,18 +126,51 @@ def test_the_predictor_is_cached_per_process(
     assert not predictor.segmentation_runner.module.training
 
 
+def red_finder() -> torch.nn.Module:
+    """A real 1x1 convolution that calls red pixels plant and blue ones water."""
+    conv = torch.nn.Conv2d(3, 1, kernel_size=1)
+    with torch.no_grad():
+        # On normalized input: red scores R - G - 1 = +3.3, blue -1.1.
+        conv.weight.copy_(torch.tensor([1.0, -1.0, 0.0]).reshape(1, 3, 1, 1))
+        conv.bias.fill_(-1.0)
+    return conv.eval()
+
+
 @pytest.mark.parametrize(
-    ("orientation", "upright_px"), [(6, (90, 160)), (3, (160, 90))]
+    ("orientation", "upright_px", "plant_at", "water_at"),
+    [
+        (1, (160, 90), (20, 45), (140, 45)),
+        (3, (160, 90), (140, 45), (20, 45)),
+        (6, (90, 160), (45, 20), (45, 140)),
+        (8, (90, 160), (45, 140), (45, 20)),
+    ],
 )
 def test_an_exif_rotated_photo_gets_an_upright_mask(
-    predictor: Predictor, orientation: int, upright_px: tuple[int, int]
+    predictor: Predictor,
+    monkeypatch: pytest.MonkeyPatch,
+    orientation: int,
+    upright_px: tuple[int, int],
+    plant_at: tuple[int, int],
+    water_at: tuple[int, int],
 ) -> None:
-    photo = make_photo(160, 90, exif_orientation=orientation)
+    # Stored 160x90, red (plant to the stand-in model) on the left, blue on the
+    # right; orientation 6 turns the left edge to the top when viewed.
+    stored = Image.new("RGB", (160, 90), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 80, 90))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    stored.save(buffer, "PNG", exif=exif.tobytes())
+    monkeypatch.setattr(predictor.segmentation_runner, "module", red_finder())
 
-    prediction = predictor.predict(photo)
+    prediction = predictor.predict(buffer.getvalue())
 
     assert prediction.segmentation is not None
-    assert mask_of(prediction.segmentation.mask_png).size == upright_px
+    mask = mask_of(prediction.segmentation.mask_png)
+    assert mask.size == upright_px
+    assert mask.getpixel(plant_at) == 255
+    assert mask.getpixel(water_at) == 0
+    assert prediction.segmentation.cover_pct == pytest.approx(50.0, abs=2.0)
 
 
 def test_a_bad_photo_is_a_photo_error(predictor: Predictor) -> None:

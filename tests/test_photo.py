@@ -60,7 +60,7 @@ def test_each_accepted_format_decodes_to_rgb(fmt: str) -> None:
         (8, (40, 80), (20, 70)),
     ],
 )
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
 def test_exif_orientation_makes_the_picture_upright(
     fmt: str,
     orientation: int,
