@@ -353,6 +353,23 @@ def test_listener_gives_up_when_the_database_stays_away(redis_url: str) -> None:
     assert listener.run() == 1
 
 
+def test_listener_gives_up_when_redis_stays_away_though_listen_works(
+    database_url: str, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Connecting and LISTEN succeed every time; the sweep after them fails on Redis.
+    caplog.set_level(logging.INFO, logger="worker")
+    settings = Settings(
+        database_url=database_url,
+        redis_url=f"unix://{tmp_path}/no-redis.sock",
+        listener_give_up_s=2.0,
+    )
+    listener = Listener(settings, open_broker(settings), threading.Event())
+
+    assert listener.run() == 1
+    assert caplog.text.count("listener.listening") >= 2
+    assert "listener.gave_up" in caplog.text
+
+
 def test_transaction_pooler_port_is_refused_before_connecting(redis_url: str) -> None:
     settings = Settings(
         database_url="postgres://postgres.ref:pw@aws-0-eu.pooler.supabase.com:6543/db",

@@ -16,7 +16,7 @@ from tests.plugins.services import alembic_config
 from worker.config import NOTIFY_CHANNEL
 from worker.db import (
     Base,
-    database_port,
+    database_ports,
     psycopg_conninfo,
     redacted_url,
     sqlalchemy_url,
@@ -255,5 +255,7 @@ def test_redacted_url_and_port() -> None:
 
     assert "s3cret" not in redacted_url(url)
     assert redacted_url(url).startswith("postgresql://postgres.ref:***@aws-0-eu")
-    assert database_port(url) == 6543
-    assert database_port("postgresql://postgres:@/postgres?host=/tmp/x") is None
+    assert database_ports(url) == [6543]
+    assert database_ports("postgresql://postgres:@/postgres?host=/tmp/x") == []
+    assert database_ports("postgresql://u@pooler.example/db?port=6543") == [6543]
+    assert database_ports("postgresql://u@h1:5432,h2:6543/db") == [5432, 6543]

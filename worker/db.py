@@ -176,13 +176,10 @@ def sqlalchemy_url(database_url: str) -> str:
     return f"postgresql+psycopg://{rest}"
 
 
-def database_port(database_url: str) -> int | None:
-    """The TCP port in DATABASE_URL, None when it names none (or a socket)."""
-    parts = urlsplit(psycopg_conninfo(database_url))
-    try:
-        return parts.port
-    except ValueError:
-        return None
+def database_ports(database_url: str) -> list[int]:
+    """Every TCP port DATABASE_URL names, as libpq reads it (`?port=`, multi-host)."""
+    port_list = conninfo_to_dict(psycopg_conninfo(database_url)).get("port") or ""
+    return [int(port) for port in str(port_list).split(",") if port.strip().isdigit()]
 
 
 def redacted_url(database_url: str) -> str:

@@ -26,7 +26,7 @@ from psycopg.conninfo import make_conninfo
 
 from worker import queries
 from worker.config import NOTIFY_CHANNEL, Settings
-from worker.db import KEEPALIVE_ARGS, database_port, psycopg_conninfo
+from worker.db import KEEPALIVE_ARGS, database_ports, psycopg_conninfo
 from worker.errors import ConfigError
 from worker.queue import enqueue_observations, waiting_messages
 
@@ -59,7 +59,7 @@ RECOVERABLE_ERRORS = (psycopg.Error, redis.exceptions.RedisError, BrokerConnecti
 
 def reject_transaction_pooler(database_url: str) -> None:
     """Refuse a DATABASE_URL on the transaction pooler's port before connecting."""
-    if database_port(database_url) == TRANSACTION_POOLER_PORT:
+    if TRANSACTION_POOLER_PORT in database_ports(database_url):
         raise ConfigError(
             POOLER_MESSAGE.format(what="uses port 6543, the transaction pooler")
         )
@@ -107,6 +107,10 @@ class Listener:
             try:
                 with self._connect() as connection:
                     self._listen(connection)
+                    # Only a sweep that went through proves the database and Redis
+                    # work: a connection that listens but cannot claim (Redis down,
+                    # the table missing) keeps backing off and in the end gives up.
+                    self.sweep(connection)
                     attempt = 0
                     self._serve(connection)
             except RECOVERABLE_ERRORS as error:
@@ -156,9 +160,12 @@ class Listener:
 
         # A transaction pooler may accept LISTEN and then hand the server connection
         # to another client, so notifications never reach us: check one arrives.
+        # The probe goes out on a connection of its own: sent on this one, a pooler
+        # could run it on the very server connection that listens and deliver it.
         token = uuid.uuid4().hex
         connection.execute(queries.LISTEN_PROBE)
-        connection.execute(queries.SEND_PROBE, {"token": token})
+        with self._connect() as sender:
+            sender.execute(queries.SEND_PROBE, {"token": token})
         arrived = False
         with closing(connection.notifies(timeout=PROBE_TIMEOUT_S)) as notifies:
             for notify in notifies:
@@ -176,12 +183,10 @@ class Listener:
                 )
             )
 
-        self._last_ok = time.monotonic()
         log.info("listener.listening channel=%s", NOTIFY_CHANNEL)
 
     def _serve(self, connection: psycopg.Connection[Any]) -> None:
-        """Sweep once, then claim on every wake-up and sweep every interval."""
-        self.sweep(connection)
+        """Claim on every wake-up and sweep every interval."""
         next_sweep_at = time.monotonic() + self.settings.sweep_interval_s
 
         while not self.stop.is_set():
@@ -218,6 +223,7 @@ class Listener:
         self.claim_pending(connection)
         self.fail_abandoned(connection)
         self.claim_expired(connection)
+        self._last_ok = time.monotonic()
 
     def fail_abandoned(self, connection: psycopg.Connection[Any]) -> int:
         """Fail rows whose worker died more than MAX_RETRIES times holding them."""
@@ -254,7 +260,9 @@ class Listener:
             for observation_id in ids:
                 log.info("observation.queued observation_id=%s", observation_id)
             total += len(ids)
-            self._last_ok = time.monotonic()
+            if ids:
+                # Enqueued: Redis works. A claim of nothing may not have asked it.
+                self._last_ok = time.monotonic()
             if len(ids) < batch:
                 return total
 
@@ -279,7 +287,6 @@ class Listener:
                     was,
                 )
             total += len(rows)
-            self._last_ok = time.monotonic()
             if len(rows) < self.settings.claim_batch_size:
                 return total
 
