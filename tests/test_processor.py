@@ -26,6 +26,7 @@ from worker.pipeline import (
     LEASE_LOST,
     SKIPPED,
     ObservationProcessor,
+    RetryLater,
     describe,
     is_transient,
 )
@@ -111,6 +112,14 @@ def test_worker_that_lost_its_row_cannot_overwrite_the_result(
     assert outcome == [LEASE_LOST]
     assert fetch_rows(db, [observation_id])[observation_id] == after_successor
     assert (after_successor["status"], after_successor["attempts"]) == ("done", 2)
+    assert after_successor["lost_leases"] == 1
+    mask_path = f"{user_id}/{observation_id}.png"
+    uploads = [
+        request
+        for request in supabase_storage_server.requests(contains=mask_path)
+        if request.method in ("POST", "PUT")
+    ]
+    assert len(uploads) == 1
 
 
 def test_message_that_arrives_before_the_listeners_commit_waits_for_it(
@@ -193,6 +202,42 @@ def test_a_final_write_that_loses_its_connection_is_tried_again(
     assert outcome == DONE
     assert (row["status"], row["attempts"], row["lost_leases"]) == ("done", 1, 0)
     assert db.execute("SELECT last_value FROM finish_tries").fetchone() == (2,)
+
+
+def test_a_final_write_lost_past_its_tries_is_taken_back_by_the_retry(
+    published_models: PublishedModels,
+    supabase_storage_server: FakeSupabaseStorage,
+    engine: Engine,
+    db: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    user_id = new_user_id()
+    path = f"{user_id}/outage.jpg"
+    photo_file = supabase_storage_server.root / "photos" / path
+    photo_file.parent.mkdir(parents=True)
+    photo_file.write_bytes(make_photo(64, 64))
+    observation_id = insert_observation(db, user_id, "photos", path)
+    db.execute(
+        "UPDATE observations SET status = 'queued' WHERE id = %s", (observation_id,)
+    )
+    # Every try in place fails: the first try ends with the row still its own.
+    monkeypatch.setattr("worker.pipeline.DATABASE_RETRY_DELAYS_S", (0.01, 0.01))
+    db.execute(FAIL_FIRST_FINISH.replace("= 1 THEN", "<= 3 THEN"))
+    processor = processor_on_supabase(published_models, supabase_storage_server, engine)
+
+    with pytest.raises(RetryLater) as first:
+        processor.process(observation_id)
+    held = fetch_rows(db, [observation_id])[observation_id]
+    stranger = processor.process(observation_id, retries=1, held_token=99)
+    retried = processor.process(
+        observation_id, retries=1, held_token=first.value.held_token
+    )
+
+    row = fetch_rows(db, [observation_id])[observation_id]
+    assert first.value.held_token == 1
+    assert (held["status"], held["attempts"]) == ("processing", 1)
+    assert (stranger, retried) == (SKIPPED, DONE)
+    assert (row["status"], row["attempts"], row["lost_leases"]) == ("done", 2, 0)
 
 
 @pytest.mark.parametrize(

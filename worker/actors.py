@@ -20,6 +20,9 @@ from worker.queue import ACTOR_NAME, open_broker
 
 log = logging.getLogger(__name__)
 
+#: The message option that carries RetryLater.held_token to the retry.
+HELD_TOKEN_OPTION = "hyacinth_held_token"
+
 settings = Settings.from_env()
 
 _processor: ObservationProcessor | None = None
@@ -96,9 +99,18 @@ _install_log_filter()
 def process_observation(observation_id: str) -> None:
     """Process one observation; transient failures are retried with backoff."""
     message = CurrentMessage.get_current_message()
-    retries = int(message.options.get("retries", 0)) if message else 0
+    options = message.options if message else {}
+    retries = int(options.get("retries", 0))
+    held_token = options.get(HELD_TOKEN_OPTION)
 
     try:
-        get_processor().process(observation_id, retries=retries)
+        get_processor().process(
+            observation_id,
+            retries=retries,
+            held_token=None if held_token is None else int(held_token),
+        )
     except RetryLater as error:
+        # Dramatiq's Retries middleware enqueues this same message again, options
+        # and all: the retry learns whether it may take back a row this try holds.
+        options[HELD_TOKEN_OPTION] = error.held_token
         raise dramatiq.Retry(str(error)) from error

@@ -74,9 +74,22 @@ class PhotoPredictor(Protocol):
 
 
 class RetryLater(HyacinthError):
-    """A transient failure with tries left: the row is queued again; retry later."""
+    """A transient failure with tries left: retry the observation later.
+
+    `held_token` is set when the row could not be handed back and is still this
+    try's, `processing` under a stopped heartbeat: the retry takes it back by that
+    token instead of waiting out the lease.
+    """
 
     transient = True
+
+    def __init__(self, reason: str, *, held_token: int | None = None) -> None:
+        super().__init__(reason)
+        self.held_token = held_token
+
+
+class _LeaseLost(Exception):
+    """The row was taken over by another worker while this one processed it."""
 
 
 @dataclass(frozen=True)
@@ -183,29 +196,47 @@ class ObservationProcessor:
         self.predictor = predictor
         self._secrets = secrets_of(settings)
 
-    def process(self, observation_id: str, *, retries: int = 0) -> str:
+    def process(
+        self,
+        observation_id: str,
+        *,
+        retries: int = 0,
+        held_token: int | None = None,
+    ) -> str:
         """Process one observation; `retries` is how many tries failed before.
 
         Returns the outcome (done, failed, skipped, lease_lost). Raises RetryLater
-        when a transient failure leaves tries: the caller retries with backoff.
+        when a transient failure leaves tries: the caller retries with backoff,
+        passing on the error's `held_token`.
         """
         try:
-            return self._process(observation_id, retries)
+            return self._process(observation_id, retries, held_token)
         except RetryLater:
             raise
         except Exception as error:
             if not is_transient(error):
                 raise
-            reason = self._clean(describe(error))
-            log.info(
-                "observation.retrying observation_id=%s try=%d error=%s",
-                observation_id,
-                retries + 1,
-                reason,
-            )
-            raise RetryLater(reason) from error
+            raise self._retry_later(observation_id, error, retries) from error
 
-    def _process(self, observation_id: str, retries: int) -> str:
+    def _retry_later(
+        self,
+        observation_id: str,
+        error: Exception,
+        retries: int,
+        held_token: int | None = None,
+    ) -> RetryLater:
+        reason = self._clean(describe(error))
+        log.info(
+            "observation.retrying observation_id=%s try=%d error=%s",
+            observation_id,
+            retries + 1,
+            reason,
+        )
+        return RetryLater(reason, held_token=held_token)
+
+    def _process(
+        self, observation_id: str, retries: int, held_token: int | None
+    ) -> str:
         try:
             observation_id = str(uuid.UUID(observation_id))
         except ValueError:
@@ -215,11 +246,13 @@ class ObservationProcessor:
             return SKIPPED
 
         with observation_context(observation_id):
-            return self._process_valid(observation_id, retries)
+            return self._process_valid(observation_id, retries, held_token)
 
-    def _process_valid(self, observation_id: str, retries: int) -> str:
+    def _process_valid(
+        self, observation_id: str, retries: int, held_token: int | None
+    ) -> str:
         started_s = time.perf_counter()
-        claim = self._claim(observation_id)
+        claim = self._claim(observation_id, held_token)
         timings_ms = {"row_update": _ms_since(started_s)}
         if claim is None:
             log.info(
@@ -235,8 +268,35 @@ class ObservationProcessor:
             claim.token,
         )
         try:
+            return self._process_claimed(claim, retries, timings_ms, started_s)
+        except RetryLater:
+            raise
+        except Exception as error:
+            if not is_transient(error):
+                raise
+            # A write after the claim failed even after its tries in place: the row
+            # is still this try's, `processing` with its heartbeat stopped.
+            raise self._retry_later(
+                observation_id, error, retries, held_token=claim.token
+            ) from error
+
+    def _process_claimed(
+        self,
+        claim: Claim,
+        retries: int,
+        timings_ms: dict[str, float],
+        started_s: float,
+    ) -> str:
+        try:
             with Heartbeat(self.engine, claim, self.settings.heartbeat_s):
                 pred = self._predict(claim, timings_ms)
+        except _LeaseLost:
+            log.warning(
+                "observation.lease_lost observation_id=%s: another worker holds the "
+                "row; its mask is left alone",
+                claim.observation_id,
+            )
+            return LEASE_LOST
         except Exception as error:
             return self._fail_or_retry(claim, error, retries, timings_ms)
         except TimeLimitExceeded:
@@ -259,8 +319,12 @@ class ObservationProcessor:
 
         return self._finish(claim, pred, timings_ms, started_s)
 
-    def _claim(self, observation_id: str) -> Claim | None:
-        params = {"id": observation_id, "lease_s": self.settings.lease_s}
+    def _claim(self, observation_id: str, held_token: int | None) -> Claim | None:
+        params = {
+            "id": observation_id,
+            "lease_s": self.settings.lease_s,
+            "held_token": held_token,
+        }
 
         def claim() -> Any:
             with self.engine.begin() as connection:
@@ -289,8 +353,12 @@ class ObservationProcessor:
             return pred
 
         # Upsert: a redelivered message or a reprocess writes the same path again.
+        # A worker whose row was taken over meanwhile must not overwrite the mask of
+        # the one that took it: a fenced heartbeat first says whether it still holds.
         mask_path = f"{claim.user_id}/{claim.observation_id}.png"
         step_s = time.perf_counter()
+        if not self._write(queries.HEARTBEAT, claim):
+            raise _LeaseLost(claim.observation_id)
         self.storage.upload(
             self.settings.masks_bucket,
             mask_path,

@@ -176,14 +176,22 @@ RETURNING id, lost_leases
 # the row for good. Matching `pending` makes it wait for the listener's row lock and
 # then check the committed row again: `queued`, so it claims it. A pending row no
 # listener holds is claimed too, which is what its message asks.
+#
+# A `processing` row is taken over when its heartbeat expired (its worker died: one
+# more lost lease), or when the message is the retry of the try that holds it by
+# `held_token` (its last write failed on the database: no lease was lost).
 CLAIM_OBSERVATION = """
 UPDATE observations
 SET status = 'processing', attempts = attempts + 1, started_at = now(),
-    heartbeat_at = now(), error = NULL
+    heartbeat_at = now(), error = NULL,
+    lost_leases = lost_leases + (
+        status = 'processing' AND attempts IS DISTINCT FROM %(held_token)s::int
+    )::int
 WHERE id = %(id)s
   AND (status IN ('pending', 'queued')
        OR (status = 'processing'
-           AND heartbeat_at < now() - make_interval(secs => %(lease_s)s)))
+           AND (attempts = %(held_token)s::int
+                OR heartbeat_at < now() - make_interval(secs => %(lease_s)s))))
 RETURNING attempts, user_id, bucket, path
 """
 
