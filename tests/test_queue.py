@@ -20,6 +20,7 @@ from worker.queue import (
     enqueue_observations,
     observation_message,
     open_broker,
+    return_dead_workers_messages,
 )
 
 QUEUE_KEY = f"dramatiq:{OBSERVATIONS_QUEUE}"
@@ -108,3 +109,29 @@ def test_broker_retries_with_our_policy_and_exposes_the_current_message(
 def test_redis_url_of_another_kind_is_refused() -> None:
     with pytest.raises(ConfigError, match="REDIS_URL"):
         open_broker(Settings(redis_url="http://127.0.0.1:6379"))
+
+
+def test_messages_a_dead_worker_held_go_back_on_their_queues(
+    broker: RedisBroker, redis_url: str
+) -> None:
+    held, delayed = str(uuid.uuid4()), str(uuid.uuid4())
+    enqueue_observations(broker, [held])
+    broker.enqueue(observation_message(delayed), delay=60_000)
+    dead = open_broker(Settings(redis_url=redis_url))
+    # What a worker does before it is killed: fetch, leaving the messages unacked.
+    assert len(dead.do_fetch(OBSERVATIONS_QUEUE, 10)) == 1
+    assert len(dead.do_fetch(f"{OBSERVATIONS_QUEUE}.DQ", 10)) == 1
+    client = redis.Redis.from_url(redis_url)
+    heartbeats = "dramatiq:__heartbeats__"
+
+    return_dead_workers_messages(broker)
+    alive_waiting = client.llen(QUEUE_KEY), client.llen(f"{QUEUE_KEY}.DQ")
+    client.zadd(heartbeats, {dead.broker_id: 1})
+    return_dead_workers_messages(broker)
+
+    assert alive_waiting == (0, 0)
+    assert set(stored_messages(redis_url)) == {held}
+    assert client.llen(f"{QUEUE_KEY}.DQ") == 1
+    assert client.zscore(heartbeats, dead.broker_id) is None
+    client.close()
+    dead.close()

@@ -28,7 +28,11 @@ from worker import queries
 from worker.config import NOTIFY_CHANNEL, Settings
 from worker.db import KEEPALIVE_ARGS, database_ports, psycopg_conninfo
 from worker.errors import ConfigError
-from worker.queue import enqueue_observations, waiting_messages
+from worker.queue import (
+    enqueue_observations,
+    return_dead_workers_messages,
+    waiting_messages,
+)
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +223,9 @@ class Listener:
         return 1
 
     def sweep(self, connection: psycopg.Connection[Any]) -> None:
-        """The safety sweep: pending rows, then rows whose lease expired."""
+        """The safety sweep: pending rows, dead workers' messages, expired leases."""
         self.claim_pending(connection)
+        return_dead_workers_messages(self.broker)
         self.fail_abandoned(connection)
         self.claim_expired(connection)
         self._last_ok = time.monotonic()

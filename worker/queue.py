@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 import dramatiq
 from dramatiq.brokers.redis import RedisBroker
-from dramatiq.common import current_millis
+from dramatiq.common import current_millis, dq_name
 from dramatiq.middleware import CurrentMessage, Retries, default_middleware
 
 from worker.config import OBSERVATIONS_QUEUE, Settings
@@ -64,6 +64,34 @@ def waiting_messages(broker: RedisBroker) -> int:
     # Dramatiq's Redis broker keeps the waiting message ids in the list
     # "{namespace}:{queue}"; fetched but unacknowledged ones are not in it.
     return int(broker.client.llen(f"{broker.namespace}:{OBSERVATIONS_QUEUE}"))
+
+
+def return_dead_workers_messages(broker: RedisBroker) -> None:
+    """Have Dramatiq put the messages a dead worker held back on their queues.
+
+    A worker holds the messages it prefetched and the retries waiting out their
+    backoff; killed, it leaves them unacknowledged, and their rows sit `queued`.
+    Dramatiq's Redis broker gives such messages back (once the worker has sent no
+    heartbeat for `heartbeat_timeout`, 60 s) only in the maintenance its script
+    runs on about one command in a thousand. The listener's sweep runs it on each
+    pass instead, for the queue and its delay queue.
+    """
+    dispatch = broker.scripts["dispatch"]
+    for queue_name in (OBSERVATIONS_QUEUE, dq_name(OBSERVATIONS_QUEUE)):
+        # A command the script does not know does nothing but the maintenance.
+        dispatch(
+            keys=[broker.namespace],
+            args=[
+                "maintenance",
+                current_millis(),
+                queue_name,
+                broker.broker_id,
+                broker.heartbeat_timeout,
+                broker.dead_message_ttl,
+                1,
+                0,
+            ],
+        )
 
 
 def enqueue_observations(broker: RedisBroker, observation_ids: Iterable[str]) -> int:
