@@ -212,6 +212,42 @@ def test_storage_down_past_the_retries_ends_failed(pipeline: Pipeline) -> None:
     pipeline.storage.reset()
 
 
+# Fails the first four UPDATEs that finish this one photo with SQLSTATE 08006, the
+# code of a connection lost mid-statement: more than a worker's tries in place.
+FAIL_FOUR_FINISHES = """
+CREATE SEQUENCE outage_finishes;
+CREATE FUNCTION fail_four_finishes() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF nextval('outage_finishes') <= 4 THEN
+        RAISE EXCEPTION 'connection lost' USING ERRCODE = '08006';
+    END IF;
+    RETURN NEW;
+END;
+$$;
+CREATE TRIGGER fail_four_finishes BEFORE UPDATE ON observations
+FOR EACH ROW WHEN (NEW.status = 'done' AND NEW.path LIKE '%/outage.jpg')
+EXECUTE FUNCTION fail_four_finishes();
+"""
+
+
+def test_a_row_whose_final_write_failed_is_taken_back_by_its_retry(
+    pipeline: Pipeline,
+) -> None:
+    pipeline.db.execute(FAIL_FOUR_FINISHES)
+    try:
+        observation_id, _, _ = pipeline.observe("outage.jpg", make_photo(64, 64))
+        rows = wait_final(pipeline.db, [observation_id], logs=pipeline.processes.logs)
+    finally:
+        pipeline.db.execute(
+            "DROP TRIGGER fail_four_finishes ON observations; "
+            "DROP FUNCTION fail_four_finishes(); DROP SEQUENCE outage_finishes"
+        )
+
+    row = rows[observation_id]
+    # Not through the lease sweep: that would count a lost lease.
+    assert (row["status"], row["attempts"], row["lost_leases"]) == ("done", 2, 0)
+
+
 def test_redelivered_message_leaves_the_row_as_it_is(pipeline: Pipeline) -> None:
     observation_id, _, _ = pipeline.observe("twice.jpg", make_photo(64, 64))
     before = wait_final(pipeline.db, [observation_id], logs=pipeline.processes.logs)
