@@ -135,3 +135,19 @@ def test_messages_a_dead_worker_held_go_back_on_their_queues(
     assert client.zscore(heartbeats, dead.broker_id) is None
     client.close()
     dead.close()
+
+
+def test_the_maintenance_pass_deletes_expired_dead_letters(
+    broker: RedisBroker, redis_url: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    dead_letters = f"{QUEUE_KEY}.XQ"
+    # A message that ran out of retries eight days ago (Dramatiq keeps them 7).
+    client.zadd(dead_letters, {"old-message": 1})
+    client.hset(f"{dead_letters}.msgs", "old-message", "{}")
+
+    return_dead_workers_messages(broker)
+
+    assert client.zcard(dead_letters) == 0
+    assert client.hlen(f"{dead_letters}.msgs") == 0
+    client.close()

@@ -89,7 +89,10 @@ def return_dead_workers_messages(broker: RedisBroker) -> None:
                 broker.heartbeat_timeout,
                 broker.dead_message_ttl,
                 1,
-                0,
+                # The chunk size the maintenance deletes expired dead letters in;
+                # the broker's own dispatch passes the same. Zero would loop on
+                # empty chunks and fail the script once a dead letter expires.
+                broker._max_unpack_size(),  # type: ignore[no-untyped-call]
             ],
         )
 
