@@ -240,22 +240,44 @@ def test_a_final_write_lost_past_its_tries_is_taken_back_by_the_retry(
     assert (row["status"], row["attempts"], row["lost_leases"]) == ("done", 2, 0)
 
 
+# Every UPDATE that would record an interrupt loses its connection.
+FAIL_INTERRUPT_WRITES = """
+CREATE FUNCTION fail_interrupt_writes() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'connection lost' USING ERRCODE = '08006';
+END;
+$$;
+CREATE TRIGGER fail_interrupt_writes BEFORE UPDATE ON observations
+FOR EACH ROW WHEN (NEW.status IN ('failed', 'queued') AND OLD.status = 'processing')
+EXECUTE FUNCTION fail_interrupt_writes();
+"""
+
+
 @pytest.mark.parametrize(
     ("interrupt", "status", "error"),
     [
         (TimeLimitExceeded, "failed", "took longer than the worker's time limit"),
         (Interrupt, "queued", "interrupted"),
+        (TimeLimitExceeded, "processing", None),
+        (Interrupt, "processing", None),
     ],
+    ids=["time-limit", "interrupt", "time-limit-unrecorded", "interrupt-unrecorded"],
 )
 def test_an_interrupted_photo_does_not_wait_for_its_lease(
     published_models: PublishedModels,
     supabase_storage_server: FakeSupabaseStorage,
     engine: Engine,
     db: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
     interrupt: type[BaseException],
     status: str,
-    error: str,
+    error: str | None,
 ) -> None:
+    # Unrecorded: the write fails on the database, and the interrupt still goes on
+    # rather than turning into a retry of the photo.
+    if status == "processing":
+        monkeypatch.setattr("worker.pipeline.DATABASE_RETRY_DELAYS_S", (0.01,))
+        db.execute(FAIL_INTERRUPT_WRITES)
     user_id = new_user_id()
     path = f"{user_id}/slow.jpg"
     photo_file = supabase_storage_server.root / "photos" / path

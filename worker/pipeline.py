@@ -309,15 +309,35 @@ class ObservationProcessor:
                 claim.observation_id,
                 reason,
             )
-            self._write_failed(claim, reason, timings_ms)
+            self._record_interrupt(
+                claim, lambda: self._write_failed(claim, reason, timings_ms)
+            )
             raise
         except BaseException:
             # Another interrupt stops this thread: the row goes back on the queue now
             # rather than waiting for its lease to run out.
-            self._write(queries.REQUEUE, claim, error="interrupted")
+            self._record_interrupt(
+                claim, lambda: self._write(queries.REQUEUE, claim, error="interrupted")
+            )
             raise
 
         return self._finish(claim, pred, timings_ms, started_s)
+
+    def _record_interrupt(self, claim: Claim, write: Callable[[], object]) -> None:
+        """Write what an interrupt means for the row; the interrupt goes on anyway.
+
+        Were the write's own failure raised instead, it would stand in for the
+        interrupt and be retried as a database error, photo and all.
+        """
+        try:
+            write()
+        except Exception as error:
+            log.warning(
+                "observation.interrupt_unrecorded observation_id=%s error=%s: the "
+                "lease sweep takes the row back",
+                claim.observation_id,
+                self._clean(describe(error)),
+            )
 
     def _claim(self, observation_id: str, held_token: int | None) -> Claim | None:
         params = {
