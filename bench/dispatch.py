@@ -17,7 +17,6 @@ from worker.embedded import background
 
 SINGLE_INSERTS = 500
 BULK_ROWS = 10_000
-STANDIN_THREADS = 4
 
 
 def _latencies_ms(bench: BenchEnvironment, ids: list[str]) -> list[float]:
@@ -35,7 +34,8 @@ def measure(bench: BenchEnvironment) -> dict[str, Any]:
     python = sys.executable
     listener = [python, "-m", "worker.cli", "listen"]
     standin = [python, "-m", "dramatiq", "bench.standin_actors"]
-    standin += ["--processes", "1", "--threads", str(STANDIN_THREADS)]
+    # The stand-in runs as the Procfile runs a worker: its threads, its prefetch.
+    standin += ["--processes", "1", "--threads", str(bench.worker_threads)]
     logs = bench.work_dir
 
     with (

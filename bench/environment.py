@@ -99,6 +99,7 @@ def prepare(work_dir: Path, database_url: str, redis_url: str) -> BenchEnvironme
         PYTHONUNBUFFERED="1",
         LOG_LEVEL="WARNING",
         dramatiq_worker_timeout="20",
+        dramatiq_queue_prefetch=str(worker_threads),
     )
     bench = BenchEnvironment(
         work_dir, database_url, redis_url, worker_threads, torch_threads, env
