@@ -59,20 +59,37 @@ def processor_on_supabase(
     return ObservationProcessor(settings, engine, open_storage(settings), predictor)
 
 
+def photo_row(
+    db: psycopg.Connection[Any],
+    server: FakeSupabaseStorage,
+    name: str,
+    *,
+    queued: bool,
+) -> tuple[str, str, str]:
+    """Upload a small photo to the photos bucket and insert its row, pending or
+    already `queued` as the listener leaves it; returns id, user id and path."""
+    user_id = new_user_id()
+    path = f"{user_id}/{name}"
+    photo_file = server.root / "photos" / path
+    photo_file.parent.mkdir(parents=True)
+    photo_file.write_bytes(make_photo(64, 64))
+    observation_id = insert_observation(db, user_id, "photos", path)
+    if queued:
+        db.execute(
+            "UPDATE observations SET status = 'queued' WHERE id = %s",
+            (observation_id,),
+        )
+    return observation_id, user_id, path
+
+
 def test_worker_that_lost_its_row_cannot_overwrite_the_result(
     published_models: PublishedModels,
     supabase_storage_server: FakeSupabaseStorage,
     engine: Engine,
     db: psycopg.Connection[Any],
 ) -> None:
-    user_id = new_user_id()
-    path = f"{user_id}/zombie.jpg"
-    photo_file = supabase_storage_server.root / "photos" / path
-    photo_file.parent.mkdir(parents=True)
-    photo_file.write_bytes(make_photo(64, 64))
-    observation_id = insert_observation(db, user_id, "photos", path)
-    db.execute(
-        "UPDATE observations SET status = 'queued' WHERE id = %s", (observation_id,)
+    observation_id, user_id, path = photo_row(
+        db, supabase_storage_server, "zombie.jpg", queued=True
     )
     # The first worker stalls inside the download and sends no heartbeat meanwhile.
     supabase_storage_server.stall_next(1, 3.0, match=path)
@@ -129,12 +146,9 @@ def test_message_that_arrives_before_the_listeners_commit_waits_for_it(
     database_url: str,
     db: psycopg.Connection[Any],
 ) -> None:
-    user_id = new_user_id()
-    path = f"{user_id}/early.jpg"
-    photo_file = supabase_storage_server.root / "photos" / path
-    photo_file.parent.mkdir(parents=True)
-    photo_file.write_bytes(make_photo(64, 64))
-    observation_id = insert_observation(db, user_id, "photos", path)
+    observation_id, _, _ = photo_row(
+        db, supabase_storage_server, "early.jpg", queued=False
+    )
     processor = processor_on_supabase(published_models, supabase_storage_server, engine)
     outcome: list[str] = []
 
@@ -184,14 +198,8 @@ def test_a_final_write_that_loses_its_connection_is_tried_again(
     engine: Engine,
     db: psycopg.Connection[Any],
 ) -> None:
-    user_id = new_user_id()
-    path = f"{user_id}/blip.jpg"
-    photo_file = supabase_storage_server.root / "photos" / path
-    photo_file.parent.mkdir(parents=True)
-    photo_file.write_bytes(make_photo(64, 64))
-    observation_id = insert_observation(db, user_id, "photos", path)
-    db.execute(
-        "UPDATE observations SET status = 'queued' WHERE id = %s", (observation_id,)
+    observation_id, _, _ = photo_row(
+        db, supabase_storage_server, "blip.jpg", queued=True
     )
     db.execute(FAIL_FIRST_FINISH)
     processor = processor_on_supabase(published_models, supabase_storage_server, engine)
@@ -211,14 +219,8 @@ def test_a_final_write_lost_past_its_tries_is_taken_back_by_the_retry(
     db: psycopg.Connection[Any],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    user_id = new_user_id()
-    path = f"{user_id}/outage.jpg"
-    photo_file = supabase_storage_server.root / "photos" / path
-    photo_file.parent.mkdir(parents=True)
-    photo_file.write_bytes(make_photo(64, 64))
-    observation_id = insert_observation(db, user_id, "photos", path)
-    db.execute(
-        "UPDATE observations SET status = 'queued' WHERE id = %s", (observation_id,)
+    observation_id, _, _ = photo_row(
+        db, supabase_storage_server, "outage.jpg", queued=True
     )
     # Every try in place fails: the first try ends with the row still its own.
     monkeypatch.setattr("worker.pipeline.DATABASE_RETRY_DELAYS_S", (0.01, 0.01))
@@ -278,14 +280,8 @@ def test_an_interrupted_photo_does_not_wait_for_its_lease(
     if status == "processing":
         monkeypatch.setattr("worker.pipeline.DATABASE_RETRY_DELAYS_S", (0.01,))
         db.execute(FAIL_INTERRUPT_WRITES)
-    user_id = new_user_id()
-    path = f"{user_id}/slow.jpg"
-    photo_file = supabase_storage_server.root / "photos" / path
-    photo_file.parent.mkdir(parents=True)
-    photo_file.write_bytes(make_photo(64, 64))
-    observation_id = insert_observation(db, user_id, "photos", path)
-    db.execute(
-        "UPDATE observations SET status = 'queued' WHERE id = %s", (observation_id,)
+    observation_id, _, path = photo_row(
+        db, supabase_storage_server, "slow.jpg", queued=True
     )
     supabase_storage_server.stall_next(1, 2.0, match=path)
     processor = processor_on_supabase(published_models, supabase_storage_server, engine)

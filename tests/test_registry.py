@@ -375,8 +375,14 @@ def test_publish_refuses_an_existing_version_unless_forced(
     assert fields["exported_at"]
 
 
-class MetaRefusingStorage(LocalStorage):
-    """A real local storage whose meta uploads fail, as a publish cut off would."""
+class RecordingStorage(LocalStorage):
+    """A real local storage that notes the order of its uploads, and can fail the
+    meta uploads as a publish cut off before its meta would."""
+
+    def __init__(self, root: Path, *, refuse_meta: bool = False) -> None:
+        super().__init__(root)
+        self.uploaded: list[str] = []
+        self._refuse_meta = refuse_meta
 
     def upload(
         self,
@@ -387,8 +393,9 @@ class MetaRefusingStorage(LocalStorage):
         content_type: str,
         upsert: bool = False,
     ) -> None:
-        if path.endswith("model_meta.json"):
+        if self._refuse_meta and path.endswith("model_meta.json"):
             raise StorageError("connection reset while uploading the meta")
+        self.uploaded.append(path)
         super().upload(bucket, path, data, content_type=content_type, upsert=upsert)
 
 
@@ -402,7 +409,9 @@ def test_a_forced_publish_cut_off_before_its_meta_leaves_the_old_version_whole(
     )
 
     with pytest.raises(StorageError):
-        publish_presence(MetaRefusingStorage(storage.root), "1.0.0", other, force=True)
+        publish_presence(
+            RecordingStorage(storage.root, refuse_meta=True), "1.0.0", other, force=True
+        )
     loaded = load_version(
         storage, BUCKET, "presence", "1.0.0", cache_dir=tmp_path / "cache", device=CPU
     )
@@ -435,26 +444,6 @@ def test_publish_after_a_cut_off_publish_keeps_or_refuses_its_weights(
     fields = json.loads(meta_file(storage, "presence", "1.0.0").read_text())
     assert not refused_meta
     assert fields["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
-
-
-class RecordingStorage(LocalStorage):
-    """A real local storage that also notes the order of its uploads."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root)
-        self.uploaded: list[str] = []
-
-    def upload(
-        self,
-        bucket: str,
-        path: str,
-        data: bytes,
-        *,
-        content_type: str,
-        upsert: bool = False,
-    ) -> None:
-        self.uploaded.append(path)
-        super().upload(bucket, path, data, content_type=content_type, upsert=upsert)
 
 
 def test_publish_uploads_the_meta_last_with_every_field(
