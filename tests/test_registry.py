@@ -425,6 +425,22 @@ def test_a_forced_publish_cut_off_before_its_meta_leaves_the_old_version_whole(
     assert storage.exists("models", "presence/1.0.0/presence_mobilenetv2.pt")
 
 
+def test_a_forced_publish_of_the_same_weights_keeps_their_name(
+    storage: LocalStorage, present_weights: Path
+) -> None:
+    publish_presence(storage, "1.0.0", present_weights)
+    publish_presence(storage, "1.0.0", present_weights, force=True, threshold=0.6)
+
+    fields = json.loads(meta_file(storage, "presence", "1.0.0").read_text())
+    folder = storage.root / BUCKET / "presence" / "1.0.0"
+    assert fields["weights_filename"] == "presence_mobilenetv2.pt"
+    assert fields["threshold"] == 0.6
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model_meta.json",
+        "presence_mobilenetv2.pt",
+    ]
+
+
 def test_publish_after_a_cut_off_publish_keeps_or_refuses_its_weights(
     storage: LocalStorage, present_weights: Path, tmp_path: Path
 ) -> None:

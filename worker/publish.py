@@ -12,9 +12,15 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from worker.architectures import build
-from worker.errors import ModelError, ObjectExistsError
+from worker.errors import HyacinthError, ModelError, ObjectExistsError
 from worker.model_meta import META_FILENAME, TASKS, ModelMeta, parse_meta
-from worker.registry import check_forward, describe, load_weights, model_folder
+from worker.registry import (
+    check_forward,
+    describe,
+    load_weights,
+    model_folder,
+    read_meta,
+)
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -69,9 +75,11 @@ def publish(
     # A replacement never overwrites the weights the live meta names: they go up
     # under a name of their own, so the meta write alone switches the version, and
     # a publish cut off before it leaves the old version whole.
-    weights_filename = (
-        f"{name}-{sha256[:12]}{suffix}" if replacing else f"{name}{suffix}"
-    )
+    weights_filename = f"{name}{suffix}"
+    if replacing:
+        weights_filename = _replacement_filename(
+            storage, bucket, task, version, sha256, f"{name}-{sha256[:12]}{suffix}"
+        )
     fields: dict[str, Any] = {
         "task": task,
         "name": name,
@@ -145,6 +153,17 @@ def publish(
         meta.sha256,
     )
     return meta
+
+
+def _replacement_filename(
+    storage: Storage, bucket: str, task: str, version: str, sha256: str, fresh: str
+) -> str:
+    """The live weights' name when they are these very bytes, else `fresh`."""
+    try:
+        live = read_meta(storage, bucket, task, version)
+    except HyacinthError:
+        return fresh
+    return live.weights_filename if live.sha256 == sha256 else fresh
 
 
 def _check_publishable(task: str, version: str) -> None:
