@@ -66,6 +66,31 @@ def waiting_messages(broker: RedisBroker) -> int:
     return int(broker.client.llen(f"{broker.namespace}:{OBSERVATIONS_QUEUE}"))
 
 
+def _dispatch_args(
+    broker: RedisBroker,
+    command: str,
+    queue_name: str,
+    *command_args: str | bytes,
+    maintenance: bool = False,
+) -> list[str | bytes | int]:
+    """The arguments Dramatiq's dispatch.lua takes, as RedisBroker._dispatch builds
+    them: command, time, queue, worker id, timeouts, maintenance flag, unpack size.
+    """
+    return [
+        command,
+        current_millis(),
+        queue_name,
+        broker.broker_id,
+        broker.heartbeat_timeout,
+        broker.dead_message_ttl,
+        int(maintenance),
+        # The chunk size the maintenance deletes expired dead letters in; zero
+        # would loop on empty chunks and fail the script once a dead letter expires.
+        broker._max_unpack_size() if maintenance else 0,  # type: ignore[no-untyped-call]
+        *command_args,
+    ]
+
+
 def return_dead_workers_messages(broker: RedisBroker) -> None:
     """Have Dramatiq put the messages a dead worker held back on their queues.
 
@@ -81,19 +106,7 @@ def return_dead_workers_messages(broker: RedisBroker) -> None:
         # A command the script does not know does nothing but the maintenance.
         dispatch(
             keys=[broker.namespace],
-            args=[
-                "maintenance",
-                current_millis(),
-                queue_name,
-                broker.broker_id,
-                broker.heartbeat_timeout,
-                broker.dead_message_ttl,
-                1,
-                # The chunk size the maintenance deletes expired dead letters in;
-                # the broker's own dispatch passes the same. Zero would loop on
-                # empty chunks and fail the script once a dead letter expires.
-                broker._max_unpack_size(),  # type: ignore[no-untyped-call]
-            ],
+            args=_dispatch_args(broker, "maintenance", queue_name, maintenance=True),
         )
 
 
@@ -117,18 +130,13 @@ def enqueue_observations(broker: RedisBroker, observation_ids: Iterable[str]) ->
             broker.emit_before("enqueue", message, None)
             dispatch(
                 keys=[broker.namespace],
-                args=[
+                args=_dispatch_args(
+                    broker,
                     "enqueue",
-                    current_millis(),
                     OBSERVATIONS_QUEUE,
-                    broker.broker_id,
-                    broker.heartbeat_timeout,
-                    broker.dead_message_ttl,
-                    0,
-                    0,
                     message.options["redis_message_id"],
                     message.encode(),
-                ],
+                ),
                 client=pipe,
             )
         pipe.execute()
