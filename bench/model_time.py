@@ -140,11 +140,13 @@ def _since_ms(started_s: float) -> float:
 
 @dataclass
 class EndToEnd:
-    """Median wall time per observation, and median time of each stage."""
+    """Median wall time per observation, median time of each stage, and the floor
+    sampled between the runs (median forward time of each model)."""
 
     total_ms: float
     stages_ms: dict[str, float]
     label: str
+    floor_ms: dict[str, float]
 
 
 def _processor(bench: BenchEnvironment, predictor: PhotoPredictor) -> Any:
@@ -155,24 +157,24 @@ def _processor(bench: BenchEnvironment, predictor: PhotoPredictor) -> Any:
 
 def end_to_end(
     bench: BenchEnvironment,
-    predictor: PhotoPredictor,
+    models: Predictor,
     photo: bytes,
     name: str,
-    floor: Floor | None = None,
+    *,
+    pipeline: PhotoPredictor | None = None,
 ) -> EndToEnd:
-    """Process observations of `photo` through the real processor, one at a time.
-
-    With a `floor`, one floor sample is taken before each run.
-    """
-    processor = _processor(bench, predictor)
+    """Process observations of `photo` through the real processor, one at a time,
+    with `pipeline` around the models (ours unless given); before each run, one
+    floor sample of the models on the same photo."""
+    processor = _processor(bench, pipeline or models)
     path = bench.upload_photo(name, photo)
+    floor = Floor(models, photo)
 
     totals_ms: list[float] = []
     stages: dict[str, list[float]] = {stage: [] for stage in STAGES}
     label = ""
     for run in range(WARMUP_RUNS + E2E_RUNS):
-        if floor is not None:
-            floor.sample()
+        floor.sample()
         (observation_id,) = bench.insert_rows([path], status="queued")
         started_s = time.perf_counter()
         outcome = processor.process(observation_id)
@@ -200,7 +202,7 @@ def end_to_end(
 
     processor.engine.dispose()
     stages_ms = {stage: median_ms(values) for stage, values in stages.items() if values}
-    return EndToEnd(median_ms(totals_ms), stages_ms, label)
+    return EndToEnd(median_ms(totals_ms), stages_ms, label, floor.medians_ms())
 
 
 def photos_per_s(
@@ -241,17 +243,12 @@ def measure(bench: BenchEnvironment) -> dict[str, Any]:
     open_water = phone_jpeg(plants=False, seed=2)
 
     torch.set_num_threads(bench.torch_threads)
-    sampler = Floor(predictor, with_mats)
-    present = end_to_end(bench, predictor, with_mats, "mats.jpg", sampler)
-    floor = sampler.medians_ms()
-    absent_sampler = Floor(predictor, open_water)
-    absent = end_to_end(bench, predictor, open_water, "water.jpg", absent_sampler)
-    absent_floor = absent_sampler.medians_ms()
-    naive_sampler = Floor(predictor, with_mats)
+    present = end_to_end(bench, predictor, with_mats, "mats.jpg")
+    absent = end_to_end(bench, predictor, open_water, "water.jpg")
     naive = end_to_end(
-        bench, NaivePredictor(predictor), with_mats, "mats.jpg", naive_sampler
+        bench, predictor, with_mats, "mats.jpg", pipeline=NaivePredictor(predictor)
     )
-    naive_floor = naive_sampler.medians_ms()
+    floor, absent_floor, naive_floor = present.floor_ms, absent.floor_ms, naive.floor_ms
     if present.label != "present" or absent.label != "absent":
         raise RuntimeError(
             f"bench: expected present/absent, got {present.label}/{absent.label}"
@@ -259,11 +256,8 @@ def measure(bench: BenchEnvironment) -> dict[str, Any]:
 
     cores = bench.worker_threads * bench.torch_threads
     torch.set_num_threads(cores)
-    sampler_all_cores = Floor(predictor, with_mats)
-    present_all_cores = end_to_end(
-        bench, predictor, with_mats, "mats.jpg", sampler_all_cores
-    )
-    floor_all_cores = sampler_all_cores.medians_ms()
+    present_all_cores = end_to_end(bench, predictor, with_mats, "mats.jpg")
+    floor_all_cores = present_all_cores.floor_ms
     throughput = photos_per_s(
         bench,
         predictor,
