@@ -66,6 +66,16 @@ def backend(
     return str(request.param)
 
 
+@pytest.fixture
+def published_env(
+    published_models: PublishedModels, monkeypatch: pytest.MonkeyPatch
+) -> PublishedModels:
+    """The published test models, with their settings in this process's environment."""
+    for variable, value in published_models.env.items():
+        monkeypatch.setenv(variable, value)
+    return published_models
+
+
 def hyacinth(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     status = main(list(argv))
     captured = capsys.readouterr()
@@ -182,11 +192,9 @@ def test_verify_fails_clearly_when_the_configured_version_is_missing(
 
 def test_list_shows_latest_and_a_missing_configured_version(
     capsys: pytest.CaptureFixture[str],
-    published_models: PublishedModels,
+    published_env: PublishedModels,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    for variable, value in published_models.env.items():
-        monkeypatch.setenv(variable, value)
     monkeypatch.setenv("PRESENCE_MODEL_VERSION", "latest")
     monkeypatch.setenv("SEGMENTATION_MODEL_VERSION", "7.0.0")
 
@@ -239,12 +247,9 @@ def test_list_fails_when_the_configured_version_cannot_load(
 
 def test_predict_prints_a_line_per_photo_and_goes_on_after_a_bad_one(
     capsys: pytest.CaptureFixture[str],
-    published_models: PublishedModels,
-    monkeypatch: pytest.MonkeyPatch,
+    published_env: PublishedModels,
     tmp_path: Path,
 ) -> None:
-    for variable, value in published_models.env.items():
-        monkeypatch.setenv(variable, value)
     good = tmp_path / "lake.jpg"
     good.write_bytes(make_photo(120, 80, exif_orientation=6))
     corrupt = tmp_path / "corrupt.jpg"
@@ -278,12 +283,10 @@ def test_predict_prints_a_line_per_photo_and_goes_on_after_a_bad_one(
 
 def test_predict_on_an_absent_photo_has_no_seg(
     capsys: pytest.CaptureFixture[str],
-    published_models: PublishedModels,
+    published_env: PublishedModels,
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
-    for variable, value in published_models.env.items():
-        monkeypatch.setenv(variable, value)
     monkeypatch.setenv("PRESENCE_MODEL_VERSION", "2.0.0")
     photo = tmp_path / "water.png"
     photo.write_bytes(make_photo(64, 64, "PNG", color=(20, 60, 160)))
@@ -298,12 +301,9 @@ def test_predict_on_an_absent_photo_has_no_seg(
 
 def test_predict_refuses_a_masks_dir_it_cannot_write_before_loading_models(
     capsys: pytest.CaptureFixture[str],
-    published_models: PublishedModels,
-    monkeypatch: pytest.MonkeyPatch,
+    published_env: PublishedModels,
     tmp_path: Path,
 ) -> None:
-    for variable, value in published_models.env.items():
-        monkeypatch.setenv(variable, value)
     photo = tmp_path / "lake.jpg"
     photo.write_bytes(make_photo(64, 64))
     not_a_folder = tmp_path / "masks"

@@ -52,6 +52,15 @@ def present_weights(published_models: PublishedModels) -> Path:
     return published_models.weights_dir / "presence_present.pt"
 
 
+@pytest.fixture
+def other_weights(tmp_path: Path) -> Path:
+    """Presence weights of the right architecture that differ from the published."""
+    return save_weights(
+        constant_state_dict(PRESENCE_ARCHITECTURE, "presence", -1.0),
+        tmp_path / "other.pt",
+    )
+
+
 def publish_presence(
     storage: LocalStorage, version: str, weights: Path, **options: object
 ) -> None:
@@ -189,7 +198,7 @@ def test_a_damaged_cache_file_is_downloaded_again(
 
 
 def test_an_older_meta_without_sha256_is_downloaded_once_per_upload(
-    tmp_path: Path, present_weights: Path
+    tmp_path: Path, present_weights: Path, other_weights: Path
 ) -> None:
     storage = CountingStorage(tmp_path / "storage")
     publish_presence(storage, "1.0.0", present_weights)
@@ -200,12 +209,8 @@ def test_an_older_meta_without_sha256_is_downloaded_once_per_upload(
     load(storage, "1.0.0", cache_dir)
     load(storage, "1.0.0", cache_dir)
     downloads_before_rewrite = storage.downloads.count(weights_key)
-    other = save_weights(
-        constant_state_dict(PRESENCE_ARCHITECTURE, "presence", -1.0),
-        tmp_path / "other.pt",
-    )
     storage.upload(
-        BUCKET, weights_key, other.read_bytes(), content_type="x", upsert=True
+        BUCKET, weights_key, other_weights.read_bytes(), content_type="x", upsert=True
     )
     model = load(storage, "1.0.0", cache_dir)
 
@@ -358,20 +363,16 @@ def test_a_meta_in_the_wrong_folder_is_refused(
 
 
 def test_publish_refuses_an_existing_version_unless_forced(
-    storage: LocalStorage, present_weights: Path, tmp_path: Path
+    storage: LocalStorage, present_weights: Path, other_weights: Path
 ) -> None:
     publish_presence(storage, "1.0.0", present_weights)
-    other = save_weights(
-        constant_state_dict(PRESENCE_ARCHITECTURE, "presence", -1.0),
-        tmp_path / "other.pt",
-    )
 
     with pytest.raises(ModelError, match="--force"):
-        publish_presence(storage, "1.0.0", other)
-    publish_presence(storage, "1.0.0", other, force=True)
+        publish_presence(storage, "1.0.0", other_weights)
+    publish_presence(storage, "1.0.0", other_weights, force=True)
 
     fields = json.loads(meta_file(storage, "presence", "1.0.0").read_text())
-    assert fields["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert fields["sha256"] == hashlib.sha256(other_weights.read_bytes()).hexdigest()
     assert fields["exported_at"]
 
 
@@ -400,22 +401,21 @@ class RecordingStorage(LocalStorage):
 
 
 def test_a_forced_publish_cut_off_before_its_meta_leaves_the_old_version_whole(
-    storage: LocalStorage, present_weights: Path, tmp_path: Path
+    storage: LocalStorage, present_weights: Path, tmp_path: Path, other_weights: Path
 ) -> None:
     publish_presence(storage, "1.0.0", present_weights)
-    other = save_weights(
-        constant_state_dict(PRESENCE_ARCHITECTURE, "presence", -1.0),
-        tmp_path / "other.pt",
-    )
 
     with pytest.raises(StorageError):
         publish_presence(
-            RecordingStorage(storage.root, refuse_meta=True), "1.0.0", other, force=True
+            RecordingStorage(storage.root, refuse_meta=True),
+            "1.0.0",
+            other_weights,
+            force=True,
         )
     loaded = load_version(
         storage, BUCKET, "presence", "1.0.0", cache_dir=tmp_path / "cache", device=CPU
     )
-    publish_presence(storage, "1.0.0", other, force=True)
+    publish_presence(storage, "1.0.0", other_weights, force=True)
     fields = json.loads(meta_file(storage, "presence", "1.0.0").read_text())
 
     assert (
@@ -442,24 +442,20 @@ def test_a_forced_publish_of_the_same_weights_keeps_their_name(
 
 
 def test_publish_after_a_cut_off_publish_keeps_or_refuses_its_weights(
-    storage: LocalStorage, present_weights: Path, tmp_path: Path
+    storage: LocalStorage, present_weights: Path, other_weights: Path
 ) -> None:
     # Weights uploaded, meta never: what a publish cut off halfway leaves.
     weights_key = "presence/1.0.0/presence_mobilenetv2.pt"
-    other = save_weights(
-        constant_state_dict(PRESENCE_ARCHITECTURE, "presence", -1.0),
-        tmp_path / "other.pt",
-    )
-    storage.upload("models", weights_key, other.read_bytes(), content_type="x")
+    storage.upload("models", weights_key, other_weights.read_bytes(), content_type="x")
 
     with pytest.raises(ModelError, match="unfinished or concurrent publish"):
         publish_presence(storage, "1.0.0", present_weights)
     refused_meta = storage.exists("models", "presence/1.0.0/model_meta.json")
-    publish_presence(storage, "1.0.0", other)
+    publish_presence(storage, "1.0.0", other_weights)
 
     fields = json.loads(meta_file(storage, "presence", "1.0.0").read_text())
     assert not refused_meta
-    assert fields["sha256"] == hashlib.sha256(other.read_bytes()).hexdigest()
+    assert fields["sha256"] == hashlib.sha256(other_weights.read_bytes()).hexdigest()
 
 
 def test_publish_uploads_the_meta_last_with_every_field(
